@@ -1,0 +1,1 @@
+"""bagel_jax: a JAX/Flax NNX port of BAGEL-7B-MoT."""
