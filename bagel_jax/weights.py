@@ -68,6 +68,215 @@ def _vae_rules(cfg: BagelConfig) -> Iterator[Rule]:
   raise NotImplementedError  # filled in by the autoencoder work
 
 
+# ----------------------------------------------------------------------------- LLM (ema.safetensors)
+_LLM_LAYER_PARAMS = (
+    # (upstream name with {g} for the gen suffix, our path under llm.layers, transform)
+    ("input_layernorm{g}.weight", ("input_layernorm",), IDENTITY),
+    ("post_attention_layernorm{g}.weight", ("post_attention_layernorm",), IDENTITY),
+    ("self_attn.q_proj{g}.weight", ("q_proj", "kernel"), LINEAR),
+    ("self_attn.q_proj{g}.bias", ("q_proj", "bias"), IDENTITY),
+    ("self_attn.k_proj{g}.weight", ("k_proj", "kernel"), LINEAR),
+    ("self_attn.k_proj{g}.bias", ("k_proj", "bias"), IDENTITY),
+    ("self_attn.v_proj{g}.weight", ("v_proj", "kernel"), LINEAR),
+    ("self_attn.v_proj{g}.bias", ("v_proj", "bias"), IDENTITY),
+    ("self_attn.o_proj{g}.weight", ("o_proj", "kernel"), LINEAR),
+    ("self_attn.q_norm{g}.weight", ("q_norm",), IDENTITY),
+    ("self_attn.k_norm{g}.weight", ("k_norm",), IDENTITY),
+    ("mlp{g}.gate_proj.weight", ("gate_proj", "kernel"), LINEAR),
+    ("mlp{g}.up_proj.weight", ("up_proj", "kernel"), LINEAR),
+    ("mlp{g}.down_proj.weight", ("down_proj", "kernel"), LINEAR),
+)
+_EXPERT_SUFFIX = ("", "_moe_gen")
+
+
+def _llm_rules(cfg: BagelConfig) -> Iterator[Rule]:
+  llm = ("bagel", "llm")
+  yield Rule("language_model.model.embed_tokens.weight", llm + ("embed_tokens",))
+  yield Rule("language_model.lm_head.weight", llm + ("lm_head",), LINEAR)
+  for e, g in enumerate(_EXPERT_SUFFIX):
+    yield Rule(f"language_model.model.norm{g}.weight", llm + ("norm",), IDENTITY, (e,))
+  for n in range(cfg.llm.num_hidden_layers):
+    for name, path, kind in _LLM_LAYER_PARAMS:
+      for e, g in enumerate(_EXPERT_SUFFIX):
+        yield Rule(f"language_model.model.layers.{n}.{name.format(g=g)}", llm + ("layers",) + path, kind, (n, e))
+
+
+def _latent_rules(cfg: BagelConfig) -> Iterator[Rule]:
+  if cfg.visual_und:
+    yield Rule("vit_pos_embed.pos_embed", ("bagel", "vit_pos_embed"))
+  if cfg.visual_gen:
+    yield Rule("latent_pos_embed.pos_embed", ("bagel", "latent_pos_embed"))
+    for name in ("vae2llm", "llm2vae"):
+      yield Rule(f"{name}.weight", ("bagel", name, "kernel"), LINEAR)
+      yield Rule(f"{name}.bias", ("bagel", name, "bias"))
+
+
 def rules(cfg: BagelConfig) -> list[Rule]:
   """Every upstream tensor of the release layout, for this config."""
-  return [*_vae_rules(cfg)]
+  return [*_llm_rules(cfg), *_vit_rules(cfg), *_latent_rules(cfg), *_vae_rules(cfg)]
+
+
+# ----------------------------------------------------------------------------- loading an upstream folder
+FILE_NAMES = {"ema": "ema.safetensors", "ae": "ae.safetensors"}
+FILE_DTYPES = {"ema": "BF16", "ae": "F32"}  # the release's dtypes, per file
+_ST_TO_NP = {"BF16": "bfloat16", "F32": "float32", "F16": "float16", "F64": "float64"}
+
+
+class CheckpointError(ValueError):
+  """An upstream checkpoint folder does not match the expected layout."""
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def expected_upstream_shape(rule: Rule, abstract: dict) -> tuple[int, ...]:
+  leaf = _get(abstract, rule.path)
+  shape = tuple(leaf.shape)[len(rule.index):]
+  return upstream_shape(rule.kind, shape)
+
+
+class UpstreamFiles:
+  """The safetensors files of an upstream folder, opened lazily (memory-mapped).
+
+  The ema weights may be one `ema.safetensors` or shards listed by a
+  `*.safetensors.index.json` ("weight_map": key -> file).
+  """
+
+  def __init__(self, folder):
+    import json
+    import pathlib
+
+    from safetensors import safe_open
+
+    self.folder = pathlib.Path(folder)
+    if not self.folder.is_dir():
+      raise CheckpointError(f"{self.folder}: checkpoint folder not found")
+    self._open = lambda f: safe_open(str(f), framework="numpy")
+    self._handles: dict = {}
+    self.key_file: dict[tuple[str, str], "pathlib.Path"] = {}
+    ema = self.folder / FILE_NAMES["ema"]
+    indexes = sorted(self.folder.glob("*.safetensors.index.json"))
+    if ema.is_file():
+      ema_files = {None: ema}
+    elif indexes:
+      try:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{indexes[0]}: not a valid safetensors index ({e})") from None
+      ema_files = {k: self.folder / f for k, f in weight_map.items()}
+      for f in set(ema_files.values()):
+        if not f.is_file():
+          raise CheckpointError(f"{f}: shard listed in {indexes[0].name} not found")
+    else:
+      raise CheckpointError(f"{ema}: file not found")
+    ae = self.folder / FILE_NAMES["ae"]
+    if not ae.is_file():
+      raise CheckpointError(f"{ae}: file not found")
+    for f in {*ema_files.values(), ae}:
+      for k in self._handle(f).keys():
+        file_id = "ae" if f == ae else "ema"
+        if file_id == "ema" and None not in ema_files and ema_files.get(k) != f:
+          raise CheckpointError(f"{f}: key {k} is not listed for this shard in the index")
+        self.key_file[(file_id, k)] = f
+
+  def _handle(self, f):
+    if f not in self._handles:
+      try:
+        self._handles[f] = self._open(f)
+      except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from None
+    return self._handles[f]
+
+  def keys(self, file_id: str) -> set[str]:
+    return {k for (fid, k) in self.key_file if fid == file_id}
+
+  def shape_dtype(self, file_id: str, key: str) -> tuple[tuple[int, ...], str]:
+    sl = self._handle(self.key_file[(file_id, key)]).get_slice(key)
+    return tuple(sl.get_shape()), sl.get_dtype()
+
+  def read(self, file_id: str, key: str):
+    f = self.key_file[(file_id, key)]
+    try:
+      return self._handle(f).get_tensor(key)
+    except Exception as e:
+      raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
+
+
+def validate(files: UpstreamFiles, table: list[Rule], abstract: dict, *, allow_extra: bool = False,
+             check_dtype: bool = True) -> None:
+  """Checks keys, shapes and dtypes against the table before any tensor is read."""
+  for file_id in FILE_NAMES:
+    want = {r.upstream for r in table if r.file == file_id}
+    have = files.keys(file_id)
+    missing = sorted(want - have)
+    if missing:
+      raise CheckpointError(f"{files.folder / FILE_NAMES[file_id]}: missing key {missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(have - want)
+    if extra and not allow_extra:
+      raise CheckpointError(f"{files.folder / FILE_NAMES[file_id]}: unexpected key {extra[0]}"
+                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  for r in table:
+    shape, dtype = files.shape_dtype(r.file, r.upstream)
+    exp = expected_upstream_shape(r, abstract)
+    if shape != exp:
+      raise CheckpointError(f"{files.key_file[(r.file, r.upstream)]}: key {r.upstream} has shape {list(shape)}, "
+                            f"expected {list(exp)}")
+    if check_dtype and dtype != FILE_DTYPES[r.file]:
+      raise CheckpointError(f"{files.key_file[(r.file, r.upstream)]}: key {r.upstream} has dtype {dtype}, "
+                            f"expected {FILE_DTYPES[r.file]}")
+
+
+def load_upstream(folder, cfg: BagelConfig, abstract: dict, *, dtype=None, allow_extra: bool = False) -> dict:
+  """Reads an upstream-format folder into our pure-dict parameters (numpy arrays).
+
+  `abstract` is the pure dict of ShapeDtypeStructs of {"bagel": ..., "vae": ...}; each
+  parameter is assembled in host memory from its rules and cast to `dtype` (default:
+  the abstract dtype).
+  """
+  files = UpstreamFiles(folder)
+  table = rules(cfg)
+  validate(files, table, abstract, allow_extra=allow_extra)
+  out: dict = {}
+  for r in table:
+    leaf = _get(abstract, r.path)
+    target_dtype = np.dtype(dtype or leaf.dtype)
+    try:
+      arr = _get(out, r.path)
+    except KeyError:
+      arr = np.zeros(leaf.shape, target_dtype) if r.index else None
+    value = to_ours(r.kind, files.read(r.file, r.upstream)).astype(target_dtype)
+    if r.index:
+      arr[r.index] = value
+    else:
+      arr = value
+    _set(out, r.path, arr)
+  missing = [p for p in _paths(abstract) if not _has(out, p)]
+  if missing:
+    raise CheckpointError(f"{folder}: no upstream tensor provides parameter {'/'.join(map(str, missing[0]))}")
+  return out
+
+
+def _paths(tree: dict, prefix: tuple = ()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _paths(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
+
+
+def _has(tree: dict, path: tuple) -> bool:
+  try:
+    _get(tree, path)
+    return True
+  except (KeyError, TypeError):
+    return False
