@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bagel_jax import image as image_lib
 from bagel_jax import weights
 from bagel_jax.config import BagelConfig, load_config
 from bagel_jax.layout import Layout
@@ -131,4 +130,4 @@ def _fill(abstract_state: nnx.State, pure: dict) -> nnx.State:
   return state
 
 
-__all__ = ["BagelModel", "Batch", "Outputs", "Losses", "Params", "image_lib"]
+__all__ = ["BagelModel", "Batch", "Outputs", "Losses", "Params"]

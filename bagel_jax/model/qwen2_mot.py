@@ -16,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bagel_jax.attention import attention
 from bagel_jax.config import LLMConfig
@@ -152,7 +153,7 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
     k_all, v_all = k, v
   a = attention(q, k_all, v_all, spec.k_start, spec.k_end, spec.q_start, spec.q_end, spec.q_positions,
                 impl=opts.attention_impl)
-  a = jax.ad_checkpoint.checkpoint_name(a.reshape(b, t, hq * hd), "attention_out")
+  a = checkpoint_name(a.reshape(b, t, hq * hd), "attention_out")
   o = jnp.zeros((b, t, d), dtype)
   for _, idx, o_e in _per_expert(a, expert_idx, lambda a_e, e: _expert_linear(a_e, p["o_proj"], e, dtype)):
     o = scatter_tokens(o, idx, o_e)
