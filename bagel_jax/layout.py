@@ -104,8 +104,8 @@ class Capacity:
   """Static sizes of one packed row (all index sets padded to these)."""
 
   tokens: int
-  und: int | None = None  # default: tokens
-  gen: int | None = None  # default: tokens
+  und: int | None = None  # None: exactly what the rows need (shapes then vary with the data)
+  gen: int | None = None
   vit: int | None = None
   vae: int | None = None
   ce: int | None = None
@@ -262,7 +262,8 @@ def pack(rows: Sequence[Sequence[Plan]], capacity: Capacity, tokens: SpecialToke
 
   def cap(name: str, need: int) -> int:
     c = getattr(capacity, name)
-    c = t if c is None else c
+    if c is None:
+      return need
     if need > c:
       raise LayoutError(f"row needs {need} {name} slots but Capacity.{name}={c}")
     return c

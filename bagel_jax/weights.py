@@ -65,7 +65,64 @@ def upstream_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- VAE (ae.safetensors)
 def _vae_rules(cfg: BagelConfig) -> Iterator[Rule]:
-  raise NotImplementedError  # filled in by the autoencoder work
+  """FLUX AE keys (ae.safetensors, float32) -> ("vae", ...) paths of `AutoEncoder`.
+
+  Conv2d weights (1x1 attention q/k/v/proj_out and nin_shortcut included) are nnx.Conv
+  kernels [kh, kw, I, O]; GroupNorm weight/bias are scale/bias.  List indices (`down.1`,
+  `block.0`) are int keys, as in the NNX pure dict.
+  """
+  vae = cfg.vae
+  mult = tuple(vae.ch_mult)
+  n = len(mult)
+
+  def conv(up: str, path: tuple) -> Iterator[Rule]:
+    yield Rule(f"{up}.weight", ("vae",) + path + ("kernel",), CONV, file="ae")
+    yield Rule(f"{up}.bias", ("vae",) + path + ("bias",), IDENTITY, file="ae")
+
+  def norm(up: str, path: tuple) -> Iterator[Rule]:
+    yield Rule(f"{up}.weight", ("vae",) + path + ("scale",), IDENTITY, file="ae")
+    yield Rule(f"{up}.bias", ("vae",) + path + ("bias",), IDENTITY, file="ae")
+
+  def resnet(up: str, path: tuple, cin: int, cout: int) -> Iterator[Rule]:
+    yield from norm(f"{up}.norm1", path + ("norm1",))
+    yield from conv(f"{up}.conv1", path + ("conv1",))
+    yield from norm(f"{up}.norm2", path + ("norm2",))
+    yield from conv(f"{up}.conv2", path + ("conv2",))
+    if cin != cout:
+      yield from conv(f"{up}.nin_shortcut", path + ("nin_shortcut",))
+
+  def mid(up: str, path: tuple, c: int) -> Iterator[Rule]:
+    yield from resnet(f"{up}.block_1", path + ("block_1",), c, c)
+    yield from norm(f"{up}.attn_1.norm", path + ("attn_1", "norm"))
+    for name in ("q", "k", "v", "proj_out"):
+      yield from conv(f"{up}.attn_1.{name}", path + ("attn_1", name))
+    yield from resnet(f"{up}.block_2", path + ("block_2",), c, c)
+
+  # Encoder: level i goes ch*([1]+mult)[i] -> ch*mult[i]; a downsample after every level but the last.
+  chans = [vae.ch] + [vae.ch * m for m in mult]
+  yield from conv("encoder.conv_in", ("encoder", "conv_in"))
+  for i in range(n):
+    for j in range(vae.num_res_blocks):
+      yield from resnet(f"encoder.down.{i}.block.{j}", ("encoder", "down", i, "block", j),
+                        chans[i] if j == 0 else chans[i + 1], chans[i + 1])
+    if i < n - 1:
+      yield from conv(f"encoder.down.{i}.downsample.conv", ("encoder", "down", i, "downsample", "conv"))
+  yield from mid("encoder.mid", ("encoder", "mid"), chans[-1])
+  yield from norm("encoder.norm_out", ("encoder", "norm_out"))
+  yield from conv("encoder.conv_out", ("encoder", "conv_out"))
+
+  # Decoder: up.i is level i (up.0 the highest resolution), entered from level i+1's channels.
+  top = vae.ch * mult[-1]
+  yield from conv("decoder.conv_in", ("decoder", "conv_in"))
+  yield from mid("decoder.mid", ("decoder", "mid"), top)
+  for i in range(n):
+    cin, cout = (vae.ch * mult[i + 1] if i < n - 1 else top), vae.ch * mult[i]
+    for j in range(vae.num_res_blocks + 1):
+      yield from resnet(f"decoder.up.{i}.block.{j}", ("decoder", "up", i, "block", j), cin if j == 0 else cout, cout)
+    if i > 0:
+      yield from conv(f"decoder.up.{i}.upsample.conv", ("decoder", "up", i, "upsample", "conv"))
+  yield from norm("decoder.norm_out", ("decoder", "norm_out"))
+  yield from conv("decoder.conv_out", ("decoder", "conv_out"))
 
 
 # ----------------------------------------------------------------------------- LLM (ema.safetensors)
@@ -109,6 +166,51 @@ def _latent_rules(cfg: BagelConfig) -> Iterator[Rule]:
     for name in ("vae2llm", "llm2vae"):
       yield Rule(f"{name}.weight", ("bagel", name, "kernel"), LINEAR)
       yield Rule(f"{name}.bias", ("bagel", name, "bias"))
+
+
+def _vit_rules(cfg: BagelConfig) -> Iterator[Rule]:
+  """vit_model.* and connector.* (if visual_und), time_embedder.* (if visual_gen).
+
+  The ViT patch embedding is stored as upstream's converted Linear [hidden, 3*p*p] with
+  input order (row in patch, col in patch, channel), which is our patchify order: a plain
+  transpose.  Encoder layers are stacked: Rule.index = (layer,).
+  """
+  layer_params = (
+      # (upstream name under vit_model.vision_model.encoder.layers.N, our path under vit.layers, transform)
+      ("layer_norm1.weight", ("layer_norm1", "scale"), IDENTITY),
+      ("layer_norm1.bias", ("layer_norm1", "bias"), IDENTITY),
+      ("self_attn.q_proj.weight", ("q_proj", "kernel"), LINEAR),
+      ("self_attn.q_proj.bias", ("q_proj", "bias"), IDENTITY),
+      ("self_attn.k_proj.weight", ("k_proj", "kernel"), LINEAR),
+      ("self_attn.k_proj.bias", ("k_proj", "bias"), IDENTITY),
+      ("self_attn.v_proj.weight", ("v_proj", "kernel"), LINEAR),
+      ("self_attn.v_proj.bias", ("v_proj", "bias"), IDENTITY),
+      ("self_attn.out_proj.weight", ("out_proj", "kernel"), LINEAR),
+      ("self_attn.out_proj.bias", ("out_proj", "bias"), IDENTITY),
+      ("layer_norm2.weight", ("layer_norm2", "scale"), IDENTITY),
+      ("layer_norm2.bias", ("layer_norm2", "bias"), IDENTITY),
+      ("mlp.fc1.weight", ("fc1", "kernel"), LINEAR),
+      ("mlp.fc1.bias", ("fc1", "bias"), IDENTITY),
+      ("mlp.fc2.weight", ("fc2", "kernel"), LINEAR),
+      ("mlp.fc2.bias", ("fc2", "bias"), IDENTITY),
+  )
+  if cfg.visual_und:
+    vm, vit = "vit_model.vision_model", ("bagel", "vit")
+    yield Rule(f"{vm}.embeddings.patch_embedding.weight", vit + ("patch_embedding", "kernel"), LINEAR)
+    yield Rule(f"{vm}.embeddings.patch_embedding.bias", vit + ("patch_embedding", "bias"))
+    yield Rule(f"{vm}.embeddings.position_embedding.weight", vit + ("position_embedding",))
+    for n in range(cfg.vit.num_hidden_layers):
+      for name, path, kind in layer_params:
+        yield Rule(f"{vm}.encoder.layers.{n}.{name}", vit + ("layers",) + path, kind, (n,))
+    yield Rule(f"{vm}.post_layernorm.weight", vit + ("post_layernorm", "scale"))
+    yield Rule(f"{vm}.post_layernorm.bias", vit + ("post_layernorm", "bias"))
+    for fc in ("fc1", "fc2"):
+      yield Rule(f"connector.{fc}.weight", ("bagel", "connector", fc, "kernel"), LINEAR)
+      yield Rule(f"connector.{fc}.bias", ("bagel", "connector", fc, "bias"))
+  if cfg.visual_gen:
+    for i, ours in ((0, "mlp_in"), (2, "mlp_out")):
+      yield Rule(f"time_embedder.mlp.{i}.weight", ("bagel", "time_embedder", ours, "kernel"), LINEAR)
+      yield Rule(f"time_embedder.mlp.{i}.bias", ("bagel", "time_embedder", ours, "bias"))
 
 
 def rules(cfg: BagelConfig) -> list[Rule]:

@@ -14,4 +14,4 @@ def test_notebook_snippet_runs(capsys):
   exec(compile(block.group(1), "README.md", "exec"), namespace)
   parts = namespace["parts"]
   assert float(parts.ce) > 0 and float(parts.mse) > 0
-  assert "[0 1 2 3 4 5 5 5 5 5 5 5]" in capsys.readouterr().out
+  assert "[0 1 2 3 4 5 5 5 5 5 5 0]" in capsys.readouterr().out

@@ -1,0 +1,51 @@
+"""Small synthetic training batches for the train-step, sharding and multi-process tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+
+from bagel_jax import layout as L
+from bagel_jax.config import BagelConfig
+from bagel_jax.train_step import TrainBatch
+
+TOKENS = 96
+VAE_IMAGES = 3
+VIT = 24
+
+
+def _row_plans(rng: np.random.Generator, cfg: BagelConfig):
+  v = cfg.llm.vocab_size - 16
+  ids = lambda n: rng.integers(0, v, n).tolist()
+  g = lambda: (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+  und = [L.Text(ids(int(rng.integers(2, 6))), loss=False), L.VitImage(g()), L.Text(ids(int(rng.integers(2, 6))), loss=True)]
+  gen = [L.Text(ids(int(rng.integers(2, 5)))), L.VaeImage(g(), loss=True)]
+  edit = [L.VaeImage(g(), loss=False), L.Text(ids(3), loss=True), L.VaeImage(g(), loss=True)]
+  return [und, gen, edit]
+
+
+def tiny_batch(cfg: BagelConfig, batch: int, seed: int) -> TrainBatch:
+  """`batch` rows, each packing an understanding, a generation and an editing sample."""
+  rng = np.random.default_rng(seed)
+  rows = [_row_plans(rng, cfg) for _ in range(batch)]
+  cap = L.Capacity(tokens=TOKENS, vit=VIT, vae=TOKENS // 2, ce=TOKENS // 2, vae_images=VAE_IMAGES,
+                   und=TOKENS, gen=TOKENS // 2)
+  lay = L.pack(rows, cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
+               max_latent_size=cfg.max_latent_size)
+  px = cfg.latent_downsample
+  side = 3 * px
+  images = np.zeros((batch, VAE_IMAGES, side, side, 3), np.float32)
+  grids = np.asarray(lay.vae_image_grid)
+  for b in range(batch):
+    for i in range(VAE_IMAGES):
+      gh, gw = grids[b, i]
+      images[b, i, :gh * px, :gw * px] = rng.uniform(-1, 1, (gh * px, gw * px, 3))
+  vit = rng.uniform(-1, 1, (batch, VIT, cfg.vit.patch_dim)).astype(np.float32)
+  vit = np.where((np.asarray(lay.vit_indexes) < TOKENS)[..., None], vit, 0).astype(np.float32)
+  return TrainBatch(layout=lay, vit_patches=vit, vae_images=images)
+
+
+def tiny_tx() -> optax.GradientTransformation:
+  """Upstream's optimizer shape (clip 1.0, AdamW b2 0.95) with a visible learning rate."""
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01))
