@@ -45,8 +45,8 @@ class BagelModel:
     return bagel, vae
 
   def init(self, rng: jax.Array) -> Params:
-    bagel, vae = self._modules(nnx.Rngs(params=rng))
-    return {"bagel": nnx.to_pure_dict(nnx.state(bagel)), "vae": nnx.to_pure_dict(nnx.state(vae))}
+    """Random parameters (upstream's inits where they matter: llm2vae is zero)."""
+    return _init_fn(self)(rng)
 
   def abstract_params(self) -> Params:
     """ShapeDtypeStructs of every parameter, without allocating anything."""
@@ -122,6 +122,20 @@ def _abstract(model: BagelModel):
   gv, sv = nnx.split(vae)
   abstract = {"bagel": nnx.to_pure_dict(sb), "vae": nnx.to_pure_dict(sv)}
   return (gb, gv), (sb, sv), abstract
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(model: BagelModel):
+  def init(rng):
+    # XLA compiles threefry-based initialisers slowly (tens of seconds for the VAE on CPU);
+    # the RBG generator compiles several times faster, seeded from the caller's key.
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    data = jnp.ravel(data).astype(jnp.uint32)
+    rbg = jax.random.wrap_key_data(jnp.resize(data, (4,)), impl="rbg")
+    bagel, vae = model._modules(nnx.Rngs(params=rbg))
+    return {"bagel": nnx.to_pure_dict(nnx.state(bagel)), "vae": nnx.to_pure_dict(nnx.state(vae))}
+
+  return jax.jit(init)
 
 
 def _fill(abstract_state: nnx.State, pure: dict) -> nnx.State:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import math
 import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -367,7 +366,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   return True
 
 
-def process_rows(global_batch: int, sharding: NamedSharding | None = None) -> slice:
+def process_rows(global_batch: int) -> slice:
   """The rows of the global batch this process feeds (contiguous, by process index)."""
   n = jax.process_count()
   if global_batch % n:
@@ -398,7 +397,3 @@ __all__ = [
     "use_rules", "constrain", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
     "host_local_to_global", "describe",
 ]
-
-
-def _unused(_: Iterable) -> None:  # pragma: no cover
-  pass

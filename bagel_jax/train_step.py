@@ -38,6 +38,7 @@ import optax
 from bagel_jax.api import BagelModel
 from bagel_jax.layout import Layout
 from bagel_jax.model.bagel import Batch, shift_timesteps
+from bagel_jax.sharding import path_str, use_rules
 
 PyTree = Any
 
@@ -77,19 +78,6 @@ class StepConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-def path_str(path) -> str:
-  """A jax key path as "a/b/c"."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def frozen_mask(params: PyTree, patterns: tuple[str, ...]) -> PyTree:
   """A tree of Python bools: True where a leaf's path matches one of `patterns`."""
   regs = [re.compile(p) for p in patterns]
@@ -228,12 +216,10 @@ def jit_train_step(model: BagelModel, tx: optax.GradientTransformation, hp: Step
   constraints resolve; batch_sharding: a TrainBatch of NamedShardings or one NamedSharding for
   all of it; vae_shardings: the VAE params' shardings (default: replicated).
   """
-  from bagel_jax import sharding as shd
-
   repl = jax.sharding.NamedSharding(mesh, jax.P())
 
   def fn(state, vae_params, batch):
-    with shd.use_rules(mesh, rules):
+    with use_rules(mesh, rules):
       return train_step(model, tx, hp, state, vae_params, batch)
 
   jitted = jax.jit(fn, in_shardings=(state_shardings, repl if vae_shardings is None else vae_shardings,

@@ -225,6 +225,10 @@ class AutoEncoder(nnx.Module):
 
   def encode(self, x: jax.Array, eps: jax.Array) -> jax.Array:
     """Scaled posterior sample: scale * (mean + exp(logvar/2) * eps - shift), [B, h, w, z]."""
+    f = self.cfg.downsample  # each Downsample maps a side n to n // 2
+    want = (x.shape[0], x.shape[1] // f, x.shape[2] // f, self.cfg.z_channels)
+    if tuple(eps.shape) != want:
+      raise ValueError(f"eps shape {tuple(eps.shape)} does not match the latent shape {want}")
     return _sample(self, self.encode_moments(x), lambda shape: eps)
 
   def decode(self, z: jax.Array) -> jax.Array:

@@ -57,7 +57,7 @@ class MoTLinear(nnx.Module):
   """A linear layer stacked over (layer, expert): kernel [L, 2, in, out], optional bias [L, 2, out]."""
 
   def __init__(self, layers: int, d_in: int, d_out: int, *, use_bias: bool, rngs: nnx.Rngs, param_dtype):
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1)
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1, batch_axis=(0, 1))
     self.kernel = _param(rngs, init, (layers, NUM_EXPERTS, d_in, d_out), param_dtype)
     self.bias = nnx.Param(jnp.zeros((layers, NUM_EXPERTS, d_out), param_dtype)) if use_bias else None
 
