@@ -1,0 +1,1 @@
+"""Training data: upstream's record formats and TFDS/ArrayRecord datasets -> grain -> packed batches."""
