@@ -60,7 +60,7 @@ class Bagel(nnx.Module):
     if cfg.visual_und:
       side = cfg.vit_max_num_patch_per_side
       self.vit = SiglipVisionModel(cfg.vit, side, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                   attention_impl=attention_impl)
+                                   attention_impl=attention_impl, remat=remat)
       self.connector = MLPConnector(cfg.vit.hidden_size, d, cfg.connector_act, rngs=rngs,
                                     param_dtype=param_dtype, dtype=dtype)
       self.vit_pos_embed = FrozenTable(jnp.asarray(sincos_2d_table(side, d), param_dtype))

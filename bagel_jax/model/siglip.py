@@ -27,6 +27,7 @@ from flax import nnx
 from bagel_jax.attention import attention
 from bagel_jax.config import ViTConfig
 from bagel_jax.model.connector import activation
+from bagel_jax.model.qwen2_mot import REMAT_POLICIES
 
 
 def _layer_norm(cfg: ViTConfig, *, rngs, param_dtype, dtype) -> nnx.LayerNorm:
@@ -70,8 +71,9 @@ class SiglipVisionModel(nnx.Module):
   """vit_model.vision_model: patch linear + learned positions, stacked encoder layers, post-LN."""
 
   def __init__(self, cfg: ViTConfig, max_patches_per_side: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, attention_impl: str = "auto"):
+               dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none"):
     self.cfg = cfg
+    self.remat = remat
     self.max_patches_per_side = max_patches_per_side
     self.dtype = dtype
     self.attention_impl = attention_impl
@@ -103,6 +105,8 @@ class SiglipVisionModel(nnx.Module):
       layer = nnx.merge(graphdef, layer_state)
       return layer(x, block_start, block_end, cfg=cfg, attention_impl=impl), None
 
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, state)
     return x
 
