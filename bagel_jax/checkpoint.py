@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -135,20 +136,39 @@ class SafetensorsFile:
       raise CheckpointError(f"{self.path}: header offsets end at data byte {pos} but the file holds {data_len} "
                             "bytes of data")
 
-  def read(self, key: str) -> np.ndarray:
+  def _pread(self, fd: int, out: np.ndarray, offset: int, key: str) -> None:
+    view, done, n = memoryview(out.reshape(-1).view(np.uint8)), 0, out.nbytes
+    while done < n:
+      got = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+      if got <= 0:
+        raise CheckpointError(f"{self.path}: truncated safetensors file (key {key} cut short)")
+      done += got
+
+  def read(self, key: str, *, transpose: bool = False, block_bytes: int = 16 << 20) -> np.ndarray:
+    """The tensor `key`; with `transpose` (2-D only) its contiguous transpose, built from
+    row blocks of `block_bytes` so that only the result (not a second full copy) is held."""
     ent = self.entries[key]
-    out = np.empty(ent.nbytes, np.uint8)
-    view, done = memoryview(out), 0
+    dtype = ST_DTYPES[ent.dtype]
     fd = os.open(self.path, os.O_RDONLY)
     try:
-      while done < ent.nbytes:
-        got = os.preadv(fd, [view[done:done + (1 << 30)]], ent.begin + done)
-        if got <= 0:
-          raise CheckpointError(f"{self.path}: truncated safetensors file (key {key} cut short)")
-        done += got
+      if not transpose:
+        out = np.empty(ent.shape, dtype)
+        self._pread(fd, out, ent.begin, key)
+        return out
+      if len(ent.shape) != 2:
+        raise ValueError(f"{self.path}: key {key} is not 2-D")
+      rows, cols = ent.shape
+      out = np.empty((cols, rows), dtype)
+      step = max(1, block_bytes // max(1, cols * dtype.itemsize))
+      buf = np.empty((min(step, rows), cols), dtype)
+      for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        blk = buf[:r1 - r0]
+        self._pread(fd, blk, ent.begin + r0 * cols * dtype.itemsize, key)
+        out[:, r0:r1] = blk.T
+      return out
     finally:
       os.close(fd)
-    return out.view(ST_DTYPES[ent.dtype]).reshape(ent.shape)
 
 
 class SafetensorsWriter:
@@ -183,6 +203,19 @@ class SafetensorsWriter:
     if tuple(x.shape) != shape or np.dtype(x.dtype) != ST_DTYPES[d]:
       raise ValueError(f"{self.path}: tensor {key} is {x.dtype}{list(x.shape)}, header says {d}{list(shape)}")
     self._f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+    self._next += 1
+
+  def write_transposed(self, key: str, x: np.ndarray, block_bytes: int = 16 << 20) -> None:
+    """Writes `x.T` (x 2-D) for `key`, a block of rows at a time (no full transposed copy)."""
+    if self._next >= len(self._order) or self._order[self._next] != key:
+      raise ValueError(f"{self.path}: tensor {key} written out of order")
+    shape, d = self._spec[key]
+    if x.ndim != 2 or tuple(x.shape[::-1]) != shape or np.dtype(x.dtype) != ST_DTYPES[d]:
+      raise ValueError(f"{self.path}: tensor {key} is {x.dtype}{list(x.shape[::-1])}, header says {d}{list(shape)}")
+    step = max(1, block_bytes // max(1, x.shape[0] * x.dtype.itemsize))
+    for c0 in range(0, x.shape[1], step):
+      blk = np.ascontiguousarray(x[:, c0:c0 + step].T)
+      self._f.write(memoryview(blk.reshape(-1).view(np.uint8)))
     self._next += 1
 
   def close(self) -> None:
@@ -237,6 +270,18 @@ class Cancelled(Exception):
   """The streamed save was cancelled (the run was interrupted)."""
 
 
+class _DropCancelled(logging.Filter):
+  """Orbax logs a failed writer thread with its traceback; a cancellation is not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, Cancelled) and _CANCELLED_MSG not in record.getMessage()
+
+
+_CANCELLED_MSG = "bagel_jax streamed save cancelled"
+_DROP_CANCELLED = _DropCancelled()
+
+
 def _streamed_handler_cls():
   from orbax.checkpoint import type_handlers as th
   from orbax.checkpoint._src.futures import future
@@ -250,8 +295,9 @@ def _streamed_handler_cls():
 
     The on-disk format is the numpy handler's (typestr 'np.ndarray'), chunked so that
     every piece is a whole number of chunks of at most `chunk_bytes`; restores use the
-    standard handlers.  At most `max_inflight_bytes` of loaded pieces wait for their
-    writes at a time, so host memory is bounded by about two pieces.
+    standard handlers.  A piece is loaded only once the pieces still being written and
+    twice the new one fit in `max_inflight_bytes` (default: the largest piece, or 256 MB),
+    so host memory holds about two of the largest pieces at most.
     """
 
     def __init__(self, *, chunk_bytes: int, max_inflight_bytes: int, on_piece=None):
@@ -285,7 +331,7 @@ def _streamed_handler_cls():
         for v, t in zip(values, stores):
           for p in v.pieces:
             if self.cancel.is_set():
-              raise Cancelled("streamed save cancelled")
+              raise Cancelled(_CANCELLED_MSG)
             await drain(max(self.max_inflight_bytes - 2 * p.nbytes, 0))
             x = p.load()
             if x.shape != v.write_shape[v.stack_ndim:] or x.dtype != v.dtype:
@@ -319,7 +365,7 @@ def save_streamed(path, tree, *, chunk_bytes: int = 32 << 20, max_inflight_bytes
   leaves = [x for x in _leaves(tree)]
   biggest = max((p.nbytes for v in leaves for p in v.pieces), default=0)
   if max_inflight_bytes is None:
-    max_inflight_bytes = max(2 * biggest, 256 << 20)
+    max_inflight_bytes = max(biggest, 256 << 20)
   handler = _streamed_handler_cls()(chunk_bytes=chunk_bytes, max_inflight_bytes=max_inflight_bytes,
                                     on_piece=on_piece)
 
@@ -329,6 +375,9 @@ def save_streamed(path, tree, *, chunk_bytes: int = 32 << 20, max_inflight_bytes
 
   if register_cancel is not None:
     register_cancel(cancel)
+  for name in ("absl", ""):
+    if _DROP_CANCELLED not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_DROP_CANCELLED)
   import jax
   registry = th.create_type_handler_registry((StreamedArray, handler), (jax.Array, th.ArrayHandler()))
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
@@ -540,7 +589,8 @@ def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
   the slices each device holds:
     - `shardings`: a pytree of `jax.sharding.Sharding` matching the parameters, or a
       function (path tuple, ShapeDtypeStruct) -> Sharding;
-    - else `mesh`: `fsdp_shardings` on that mesh (largest axis split over 'fsdp');
+    - else `mesh`: the project's rules (`bagel_jax.sharding.param_shardings`) on a mesh
+      with axes among ('data', 'fsdp', 'tensor'), else `fsdp_shardings` on that mesh;
     - else the first device.
   `dtype` casts every array on restore (default: the stored dtype, bf16 for the LLM/ViT
   weights of the release and f32 for the VAE).
@@ -569,7 +619,11 @@ def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
   abstract = jax.tree_util.tree_map_with_path(target, model_abstract)
   if shardings is None:
     if mesh is not None:
-      shardings = fsdp_shardings(abstract, mesh)
+      from bagel_jax import sharding as S
+      if set(mesh.axis_names) <= set(S.MESH_AXES):
+        shardings = S.param_shardings(abstract, mesh)  # the project's logical-axis rules
+      else:
+        shardings = fsdp_shardings(abstract, mesh)
     else:
       dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       shardings = jax.tree.map(lambda _: dev, abstract)

@@ -228,6 +228,12 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> An
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def replicated(tree: Any, mesh: Mesh) -> Any:
+  """One replicated NamedSharding per leaf (the frozen VAE, scalars)."""
+  repl = NamedSharding(mesh, P())
+  return jax.tree.map(lambda _: repl, tree)
+
+
 def mirrored_shardings(tree: Any, params: Any, param_sh: Any, mesh: Mesh) -> Any:
   """Shardings for a tree (an optimizer state) whose leaves mirror parameters.
 
@@ -393,7 +399,7 @@ def describe(mesh: Mesh) -> str:
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "PARAM_AXES", "Rules", "ShardingError", "parse_mesh", "make_mesh",
     "logical_to_spec", "param_logical_axes", "logical_axes", "param_specs", "param_shardings",
-    "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shardings", "abstract_with_shardings",
+    "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shardings", "abstract_with_shardings",
     "use_rules", "constrain", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
     "host_local_to_global", "describe",
 ]

@@ -62,16 +62,17 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
           x = pending.result()
           pending = (state.read_async(entries[i + 1][1].path, entries[i + 1][1].index)
                      if i + 1 < len(entries) else None)
-          y = W.to_upstream(r.kind, x)
-          del x
-          if y.dtype != ST_DTYPES[st_dtype]:
-            y = y.astype(ST_DTYPES[st_dtype])
-          writer.write(key, y)
-          bar.update(y.nbytes)
+          if x.dtype != ST_DTYPES[st_dtype]:
+            x = x.astype(ST_DTYPES[st_dtype])
+          if r.kind == W.LINEAR and x.ndim == 2:
+            writer.write_transposed(key, x)  # == W.to_upstream(LINEAR, x), blocked
+          else:
+            writer.write(key, W.to_upstream(r.kind, x))
+          bar.update(x.nbytes)
           n += 1
           if on_tensor is not None:
-            on_tensor(key, y.nbytes)
-          del y
+            on_tensor(key, x.nbytes)
+          del x
         writer.close()
       for f in side_files(src):
         shutil.copy2(f, out.path / f.name)

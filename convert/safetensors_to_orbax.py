@@ -119,7 +119,10 @@ def _plan(src: pathlib.Path, cfg, dtype, allow_extra: bool):
     pieces = []
     for r, reader, ent in sorted(group, key=lambda g: g[0].index):
       def load(r=r, reader=reader, ent=ent, leaf_dtype=leaf_dtype):
-        x = W.to_ours(r.kind, reader.read(ent.key))
+        if r.kind == W.LINEAR and len(ent.shape) == 2:
+          x = reader.read(ent.key, transpose=True)  # == W.to_ours(LINEAR, .), blocked, one copy
+        else:
+          x = W.to_ours(r.kind, reader.read(ent.key))
         return x if x.dtype == leaf_dtype else x.astype(leaf_dtype)
       pieces.append(Piece(r.index, int(np.prod(shape[stack:])) * leaf_dtype.itemsize, load, r.upstream))
       n_bytes += ent.nbytes

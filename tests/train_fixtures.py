@@ -49,3 +49,56 @@ def tiny_tx() -> optax.GradientTransformation:
   """Upstream's optimizer shape (clip 1.0, AdamW b2 0.95) with a visible learning rate."""
   return optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01))
+
+
+# ----------------------------------------------------------------------------- cached per process
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+
+from bagel_jax.api import BagelModel  # noqa: E402
+from bagel_jax.config import bagel_tiny  # noqa: E402
+from bagel_jax.train_step import StepConfig, init_train_state, train_step  # noqa: E402
+
+ROWS = 8  # divisible by every batch sharding the tests use (data x fsdp = 4 or 8)
+HP = StepConfig(ema_decay=0.9)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model() -> BagelModel:
+  return BagelModel(bagel_tiny(), attention_impl="reference")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_params():
+  """{"bagel", "vae"} of the tiny model (seed 0), as host numpy arrays."""
+  return jax.tree.map(np.asarray, jax.jit(tiny_model().init)(jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def tx():
+  return tiny_tx()
+
+
+def fresh_state(ema: bool = True):
+  """A host (numpy) TrainState: fresh buffers every call, safe to donate."""
+  p = tiny_params()["bagel"]
+  return jax.tree.map(np.asarray, init_train_state(p, tx(), jax.random.key(1), ema))
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_step():
+  """The unsharded reference step (jitted once per process)."""
+  return jax.jit(functools.partial(train_step, tiny_model(), tx(), HP))
+
+
+def reference_run(steps: int, seeds=(0, 1, 2)):
+  """`steps` single-device steps on tiny_batch(seed) batches: (state, [metrics])."""
+  state = fresh_state()
+  vae = tiny_params()["vae"]
+  f = single_device_step()
+  mets = []
+  for i in range(steps):
+    state, m = f(state, vae, tiny_batch(tiny_model().cfg, ROWS, seeds[i % len(seeds)]))
+    mets.append(jax.tree.map(np.asarray, m))
+  return jax.tree.map(np.asarray, state), mets

@@ -1,0 +1,12 @@
+"""Inference: KV caches, text decoding, the flow sampler with CFG, the interleaved inferencer."""
+
+from bagel_jax.inference.errors import InferenceError
+from bagel_jax.inference.flow import FlowSettings, denoise, schedule, timestep_grid
+from bagel_jax.inference.inferencer import ImageInput, Inferencer, load_image, preprocess_image
+from bagel_jax.inference.kv_cache import KVCache, TextSegment, VaeSegment, VitSegment, extend, prefill
+from bagel_jax.inference.text import generate_tokens
+from bagel_jax.inference.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["InferenceError", "FlowSettings", "denoise", "schedule", "timestep_grid", "ImageInput", "Inferencer",
+           "load_image", "preprocess_image", "KVCache", "TextSegment", "VaeSegment", "VitSegment", "extend",
+           "prefill", "generate_tokens", "Tokenizer", "load_tokenizer"]

@@ -1,0 +1,463 @@
+"""The interleaved inferencer (upstream `InterleaveInferencer`, `inferencer.py`): texts and images in,
+text or an image out; think mode; editing; several input images; batches of requests.
+
+    inf = Inferencer(model, params, tokenizer)
+    [image] = inf.interleave_inference(["a red cat"], cfg_text_scale=4.0, cfg_img_scale=1.0)
+    [text] = inf.interleave_inference([photo, "What is this?"], understanding_output=True)
+    [thought, image] = inf.interleave_inference([photo, "make it night"], think=True, cfg_img_scale=2.0,
+                                                cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+
+Contexts follow upstream exactly: three per request, gen (everything), cfg_text (everything before
+the last text) and cfg_img (the texts only, no image).  In think mode the system prompt opens gen and
+cfg_img, and the generated reasoning is re-encoded and appended to gen only.  Each input image goes
+into gen as a clean VAE image (skipped for understanding) and then as a ViT image; the generated
+image has the size of the last input image (after the VAE resize), else `image_shapes`.
+
+Compute: each distinct context is one row of one batched prefill (a context that is a prefix of
+another, e.g. cfg_text of gen, reads the longer context's row with a shorter length instead of
+being recomputed); upstream also prefills cfg_img for understanding requests, where it is never
+used, and this is skipped.  Text decoding is `text.generate_tokens`; the image is `flow.denoise`
+over the stacked contexts, then the VAE decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from typing import Any, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bagel_jax.config import BagelConfig
+from bagel_jax.image import patchify, unpatchify
+from bagel_jax.inference import flow, kv_cache as kc
+from bagel_jax.inference.errors import InferenceError
+from bagel_jax.inference.text import generate_tokens
+from bagel_jax.inference.tokenizer import Tokenizer, strip_generated
+
+# Upstream's system prompts (`inferencer.py`), verbatim: the model was trained with these strings.
+VLM_THINK_SYSTEM_PROMPT = '''You should first think about the reasoning process in the mind and then provide the user with the answer. 
+The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here'''
+
+GEN_THINK_SYSTEM_PROMPT = '''You should first think about the planning process in the mind and then generate the image. 
+The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here'''
+
+
+# ----------------------------------------------------------------------------- images in and out
+
+def load_image(path: str | pathlib.Path):
+  """Opens an image file as RGB (upstream `pil_img2rgb`: transparency composited on white)."""
+  from PIL import Image, UnidentifiedImageError
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise InferenceError(f"{path}: image file not found")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return pil_img2rgb(im)
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    raise InferenceError(f"{path}: cannot read the image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'})") from None
+
+
+def pil_img2rgb(image):
+  from PIL import Image
+  if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
+    image = image.convert("RGBA")
+    white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
+    white.paste(image, mask=image.split()[3])
+    return white
+  return image.convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeRule:
+  """Upstream `MaxLongEdgeMinShortEdgeResize` (PIL bicubic; Python's round, as upstream)."""
+
+  max_size: int
+  min_size: int
+  stride: int
+  max_pixels: int = 14 * 14 * 9 * 1024
+
+  def _divisible(self, value: float) -> int:
+    return max(self.stride, int(round(value / self.stride) * self.stride))
+
+  def _apply(self, width: float, height: float, scale: float) -> tuple[int, int]:
+    return self._divisible(round(width * scale)), self._divisible(round(height * scale))
+
+  def size(self, width: int, height: int) -> tuple[int, int]:
+    """(new_width, new_height)."""
+    scale = min(self.max_size / max(width, height), 1.0)
+    scale = max(scale, self.min_size / min(width, height))
+    w, h = self._apply(width, height, scale)
+    if w * h > self.max_pixels:
+      w, h = self._apply(w, h, self.max_pixels / (w * h))
+    if max(w, h) > self.max_size:
+      w, h = self._apply(w, h, self.max_size / max(w, h))
+    return w, h
+
+  def __call__(self, image):
+    from PIL import Image
+    w, h = self.size(*image.size)
+    return image.resize((w, h), Image.BICUBIC) if (w, h) != image.size else image.copy()
+
+
+def vae_resize_rule(cfg: BagelConfig) -> ResizeRule:
+  """The release's `ImageTransform(1024, 512, 16)`, scaled to the model's latent table."""
+  mx = cfg.max_image_side_gen
+  return ResizeRule(mx, max(cfg.latent_downsample, mx // 2), cfg.latent_downsample)
+
+
+def vit_resize_rule(cfg: BagelConfig) -> ResizeRule:
+  """The release's `ImageTransform(980, 224, 14)`, scaled to the model's ViT table."""
+  mx, p = cfg.max_image_side_vit, cfg.vit.patch_size
+  return ResizeRule(mx, max(p, round(mx * 224 / 980 / p) * p), p)
+
+
+def to_tensor(image) -> np.ndarray:
+  """ToTensor + Normalize(0.5, 0.5) in float32, channels last: [H, W, 3] in [-1, 1]."""
+  x = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
+  return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """Upstream `decode_image`: (x * 0.5 + 0.5).clamp(0, 1) * 255, then a TRUNCATING cast (quirk: not rounded)."""
+  x = np.clip(np.asarray(image, np.float32) * np.float32(0.5) + np.float32(0.5), 0, 1) * np.float32(255)
+  return x.astype(np.uint8)
+
+
+@dataclasses.dataclass
+class ImageInput:
+  """An input image already as the model's tensors (channels last, in [-1, 1]).
+
+  vae: [H, W, 3] for the VAE context (sides multiples of the latent stride); vit: [h, w, 3] for
+  the ViT (sides multiples of the patch); vae_eps: the posterior draw [H/f, W/f, z] (None: drawn
+  from the request's key, as upstream samples).
+  """
+
+  vae: np.ndarray | None = None
+  vit: np.ndarray | None = None
+  vae_eps: np.ndarray | None = None
+
+
+Item = Union[str, ImageInput, Any]  # Any: a PIL image
+
+
+def preprocess_image(image, cfg: BagelConfig) -> ImageInput:
+  """A PIL image -> upstream's VAE tensor (VAE resize) and ViT tensor (ViT resize of the VAE-resized image)."""
+  image = vae_resize_rule(cfg)(pil_img2rgb(image))
+  return ImageInput(vae=to_tensor(image), vit=to_tensor(vit_resize_rule(cfg)(image)))
+
+
+def check_image_size(cfg: BagelConfig, hw: Sequence[int], what: str = "image size") -> tuple[int, int]:
+  h, w = (int(v) for v in hw)
+  ld, mx = cfg.latent_downsample, cfg.max_image_side_gen
+  if h <= 0 or w <= 0 or h % ld or w % ld:
+    raise InferenceError(f"{what} {h}x{w} must be positive multiples of {ld} pixels per side")
+  if h > mx or w > mx:
+    raise InferenceError(f"{what} {h}x{w} exceeds the latent position table: at most {mx}x{mx} pixels "
+                         f"(max_latent_size {cfg.max_latent_size} tokens x {ld} px)")
+  return h, w
+
+
+# ----------------------------------------------------------------------------- jitted helpers
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_moments(model, params, images):
+  return model.encode_moments(params, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(model, params, latents):
+  return model.decode_latents(params, latents)
+
+
+# ----------------------------------------------------------------------------- the inferencer
+
+@dataclasses.dataclass
+class _Request:
+  contexts: dict[str, list]  # gen / cfg_text / cfg_img -> segments
+  image_shape: tuple[int, int]
+
+
+class Inferencer:
+  def __init__(self, model, params, tokenizer: Tokenizer | None, *, cache_dtype=None):
+    self.model = model
+    self.cfg: BagelConfig = model.cfg
+    self.params = params
+    self.tokenizer = tokenizer
+    self.cache_dtype = cache_dtype
+    self.last: dict[str, Any] = {}  # details of the last call with record=True (tests, debugging)
+    self.timing: dict[str, float] = {}  # wall times of the last call's phases
+    if tokenizer is not None:
+      tokenizer.check(self.cfg.tokens, self.cfg.llm.vocab_size)
+
+  @classmethod
+  def from_checkpoint(cls, folder, *, tokenizer=None, dtype=None, quantize: str = "none",
+                      attention_impl: str = "auto") -> "Inferencer":
+    """Loads an upstream release folder (configs, ema.safetensors, ae.safetensors, tokenizer.json).
+
+    dtype: compute/parameter dtype (default bfloat16 on accelerators, float32 on CPU);
+    quantize: "int8" for weight-only int8 decoder kernels; tokenizer: a tokenizer.json path
+    (default: the folder's).
+    """
+    from bagel_jax.api import BagelModel
+    from bagel_jax.config import load_config
+    from bagel_jax.inference.quantize import quantize_params
+    from bagel_jax.inference.tokenizer import load_tokenizer
+    folder = pathlib.Path(folder)
+    tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer.json")
+    if dtype is None:
+      dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    cfg = load_config(folder)
+    model = BagelModel(cfg, param_dtype=dtype, dtype=dtype, attention_impl=attention_impl)
+    params = model.load_upstream(folder)
+    params = quantize_params(params, quantize, free_inputs=True)
+    return cls(model, params, tok)
+
+  # ---- pieces
+  def _encode_text(self, text: str | Sequence[int]) -> kc.TextSegment:
+    if not isinstance(text, str):
+      return kc.TextSegment(tuple(int(i) for i in text))
+    if self.tokenizer is None:
+      raise InferenceError("a tokenizer is needed to encode text (pass token ids instead)")
+    return kc.TextSegment(tuple(self.tokenizer.encode(text)))
+
+  def _vae_segment(self, img: ImageInput, key: jax.Array) -> kc.VaeSegment:
+    cfg = self.cfg
+    x = np.asarray(img.vae, np.float32)
+    h, w = check_image_size(cfg, x.shape[:2], "input image (VAE) size")
+    moments = _encode_moments(self.model, self.params, jnp.asarray(x)[None])
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    eps = (jax.random.normal(key, mean.shape, jnp.float32) if img.vae_eps is None
+           else jnp.asarray(img.vae_eps, jnp.float32).reshape(mean.shape))
+    # Upstream's `vae_model.encode` samples the posterior: scale * (mean + std * eps - shift).
+    lat = cfg.vae.scale_factor * (mean + jnp.exp(0.5 * logvar) * eps - cfg.vae.shift_factor)
+    p = cfg.latent_patch_size
+    return kc.VaeSegment(np.asarray(patchify(lat[0], p)), (h // cfg.latent_downsample, w // cfg.latent_downsample))
+
+  def _vit_segment(self, img: ImageInput) -> kc.VitSegment:
+    cfg = self.cfg
+    x = np.asarray(img.vit, np.float32)
+    p, side = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side
+    h, w = x.shape[:2]
+    if h % p or w % p or h <= 0 or w <= 0:
+      raise InferenceError(f"ViT input {h}x{w} must be positive multiples of the {p}-pixel patch")
+    if h // p > side or w // p > side:
+      raise InferenceError(f"ViT input {h}x{w} exceeds the ViT position table: at most {side * p}x{side * p} "
+                           f"pixels ({side} patches of {p} px)")
+    return kc.VitSegment(patchify(x, p), (h // p, w // p))
+
+  def _build(self, items: Sequence[Item], think: bool, understanding: bool, image_shape, key) -> _Request:
+    """Upstream `interleave_inference`'s context bookkeeping, on segments."""
+    gen: list = []
+    cfg_text: list = []
+    cfg_img: list = []
+    if think:
+      sys_seg = self._encode_text(VLM_THINK_SYSTEM_PROMPT if understanding else GEN_THINK_SYSTEM_PROMPT)
+      gen.append(sys_seg)
+      cfg_img.append(sys_seg)
+    shape = tuple(image_shape)
+    for n, item in enumerate(items):
+      if isinstance(item, (str, kc.TextSegment)) or (isinstance(item, (list, tuple)) and
+                                                    all(isinstance(i, (int, np.integer)) for i in item)):
+        seg = item if isinstance(item, kc.TextSegment) else self._encode_text(item)
+        cfg_text = list(gen)
+        gen.append(seg)
+        cfg_img.append(seg)
+        continue
+      img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
+      if not understanding:
+        if img.vae is None:
+          raise InferenceError("an image input for image generation needs its VAE tensor")
+        gen.append(self._vae_segment(img, jax.random.fold_in(key, n)))
+        shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
+      elif img.vae is not None:
+        shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
+      if img.vit is None:
+        raise InferenceError("an image input needs its ViT tensor")
+      gen.append(self._vit_segment(img))
+      cfg_text = list(gen)
+    return _Request({"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}, shape)
+
+  def _prefill(self, reqs: list[_Request], names: Sequence[str], extra: int):
+    """One batched prefill of every distinct context; returns (cache, {(i, name): (row, length, rope)})."""
+    rows: list[list] = []
+    owner: list[int] = []
+    where: dict[tuple[int, str], tuple[int, int, int]] = {}
+    todo = sorted(((i, nm) for i in range(len(reqs)) for nm in names),
+                  key=lambda x: -len(reqs[x[0]].contexts[x[1]]))
+    for i, nm in todo:
+      segs = reqs[i].contexts[nm]
+      row = next((r for r, (o, src) in enumerate(zip(owner, rows))
+                  if o == i and len(src) >= len(segs) and all(a is b for a, b in zip(src, segs))), None)
+      if row is None:
+        rows.append(list(segs)); owner.append(i)
+        row = len(rows) - 1
+      where[(i, nm)] = (row, kc.context_length(segs), kc.context_rope(segs))
+    chunk = kc.build_chunk(rows, [0] * len(rows), self.cfg)
+    capacity = kc.bucket(max(kc.context_length(r) for r in rows) + extra)
+    cache = kc.prefill(self.model, self.params, jax.tree.map(jnp.asarray, chunk), capacity,
+                       cache_dtype=self.cache_dtype)
+    return cache, where
+
+  def _generate_text(self, cache: kc.KVCache, rows, lengths, ropes, max_length: int, do_sample: bool,
+                     temperature: float, top_k: int, top_p: float, key, record: bool):
+    cfg = self.cfg
+    if max_length < 1:
+      raise InferenceError(f"max_length must be at least 1 (it counts the <|im_start|> token); got {max_length}")
+    max_tokens = kc.bucket(max_length)
+    cap = max(cache.capacity, kc.bucket(max(lengths) + max_tokens))
+    sub = kc.take_rows(cache, jnp.asarray(rows, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                       jnp.asarray(ropes, jnp.int32), capacity=cap)
+    b = len(rows)
+    toks, counts, logits, _ = generate_tokens(
+        self.model, self.params, sub, jnp.full((b,), cfg.tokens.bos_token_id, jnp.int32), jnp.int32(max_length),
+        jnp.int32(cfg.tokens.eos_token_id), key, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+        max_tokens=max_tokens, do_sample=do_sample, record_logits=record)
+    toks, counts = np.asarray(toks), np.asarray(counts)
+    ids = [toks[i, :counts[i]].tolist() for i in range(b)]
+    if record:
+      self.last["tokens"] = ids
+      self.last["step_logits"] = np.asarray(logits)
+    if self.tokenizer is None:
+      return ids, [None] * b
+    return ids, [strip_generated(self.tokenizer.decode(t)) for t in ids]
+
+  # ---- the public entry points
+  def interleave_inference(self, input_lists: Sequence[Item], **kw) -> list:
+    return self.batch([input_lists], **kw)[0]
+
+  def __call__(self, image=None, text: str | None = None, **kw) -> dict[str, Any]:
+    """Upstream `InterleaveInferencer.__call__`: {'image': ..., 'text': ...}."""
+    items = ([image] if image is not None else []) + ([text] if text is not None else [])
+    if not items:
+      raise InferenceError("provide at least one input: an image or a text")
+    out = {"image": None, "text": None}
+    for o in self.interleave_inference(items, **kw):
+      out["text" if isinstance(o, str) else "image"] = o
+    return out
+
+  def batch(self, requests: Sequence[Sequence[Item]], *, think: bool = False, understanding_output: bool = False,
+            max_think_token_n: int = 1000, do_sample: bool = False, text_temperature: float = 0.3,
+            top_k: int = 0, top_p: float = 1.0,
+            cfg_text_scale: float = 3.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
+            timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
+            cfg_renorm_type: str = "global", image_shapes=(1024, 1024), global_renorm_over_batch: bool = False,
+            seed: int = 0, init_noise: Sequence[np.ndarray] | None = None, progress: bool = False,
+            record: bool = False, output: str = "pil") -> list[list]:
+    """Runs several requests together (upstream's defaults). Returns, per request, its outputs:
+    [text] (understanding), [image] or, with think, [reasoning text, image].
+
+    output: "pil" (PIL images), or "array" (uint8 [H, W, 3]).  init_noise: per request
+    [h*w, p*p*z] float32 noise at t = 1 (else drawn from `seed`).
+    """
+    cfg = self.cfg
+    key = jax.random.key(seed)
+    settings = flow.FlowSettings(num_timesteps=num_timesteps, timestep_shift=timestep_shift,
+                                 cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                                 cfg_interval=tuple(cfg_interval), cfg_renorm_type=cfg_renorm_type,
+                                 cfg_renorm_min=cfg_renorm_min, global_renorm_over_batch=global_renorm_over_batch)
+    if not understanding_output:
+      settings.validate()
+    if not requests:
+      return []
+    self.last = {} if record else self.last
+    reqs = [self._build(items, think, understanding_output, image_shapes, jax.random.fold_in(key, 2 * i))
+            for i, items in enumerate(requests)]
+    if not understanding_output:
+      for r in reqs:
+        r.image_shape = check_image_size(cfg, r.image_shape)
+    text_out = understanding_output or think
+    if understanding_output:
+      names = ["gen"]
+    else:
+      names = ["gen"] + (["cfg_text"] if settings.use_text_cfg else []) + (["cfg_img"] if settings.use_img_cfg else [])
+    timing = self.timing = {}
+    t0 = time.perf_counter()
+    cache, where = self._prefill(reqs, names, extra=kc.bucket(max_think_token_n) if text_out else 0)
+    jax.block_until_ready(cache)
+    timing["prefill_s"] = time.perf_counter() - t0
+    if record:
+      self.last["prefill_cache"] = cache
+      self.last["where"] = dict(where)
+    results: list[list] = [[] for _ in reqs]
+
+    if text_out:
+      gen = [where[(i, "gen")] for i in range(len(reqs))]
+      t0 = time.perf_counter()
+      ids, texts = self._generate_text(cache, [g[0] for g in gen], [g[1] for g in gen], [g[2] for g in gen],
+                                       max_think_token_n, do_sample, text_temperature, top_k, top_p,
+                                       jax.random.fold_in(key, 1_000_003), record)
+      timing["text_s"] = time.perf_counter() - t0
+      timing["text_tokens"] = sum(len(t) for t in ids)
+      for i, t in enumerate(texts):
+        results[i].append(t if t is not None else ids[i])
+      if understanding_output:
+        return results
+      # Think: the decoded reasoning is re-encoded and appended to gen only (upstream `update_context_text`).
+      segs = [self._encode_text(t if t is not None else ids[i][1:]) for i, t in enumerate(texts)]
+      rows = [[] for _ in range(cache.batch)]
+      ropes = [0] * cache.batch
+      for i, seg in enumerate(segs):
+        row, length, rope = where[(i, "gen")]
+        rows[row] = [seg]
+        ropes[row] = rope
+        where[(i, "gen")] = (row, length + seg.num_tokens, rope + seg.rope_advance)
+      chunk = kc.build_chunk(rows, ropes, cfg)
+      need = max(where[(i, "gen")][1] for i in range(len(reqs)))
+      if need > cache.capacity:
+        cache = kc.take_rows(cache, jnp.arange(cache.batch), cache.lengths, cache.next_rope, capacity=kc.bucket(need))
+      cache = kc.extend(self.model, self.params, cache, jax.tree.map(jnp.asarray, chunk))
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(reqs):
+      groups.setdefault(r.image_shape, []).append(i)
+    ts, dts, on = flow.schedule(settings)
+    for shape, members in groups.items():
+      grid = (shape[0] // cfg.latent_downsample, shape[1] // cfg.latent_downsample)
+      n_tok = grid[0] * grid[1]
+      rows, lengths, ropes = [], [], []
+      for nm in names:
+        for i in members:
+          r, ln, rp = where[(i, nm)]
+          rows.append(r); lengths.append(ln); ropes.append(rp)
+      stacked = kc.take_rows(cache, jnp.asarray(rows, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                             jnp.asarray(ropes, jnp.int32))
+      if init_noise is not None:
+        x0 = jnp.stack([jnp.asarray(init_noise[i], jnp.float32).reshape(n_tok, cfg.patch_latent_dim) for i in members])
+      else:
+        x0 = jnp.stack([jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (n_tok, cfg.patch_latent_dim), jnp.float32)
+                        for i in members])
+      t0 = time.perf_counter()
+      with flow.progress_bar(len(ts), enabled=progress):
+        x, rec = flow.denoise(self.model, self.params, stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on),
+                              jnp.float32(cfg_text_scale), jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min),
+                              grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
+                              over_batch=global_renorm_over_batch, record=record, progress=progress)
+        x = jax.block_until_ready(x)
+      t1 = time.perf_counter()
+      timing["denoise_s"] = timing.get("denoise_s", 0.0) + t1 - t0
+      latents = unpatchify(x, grid[0], grid[1], cfg.latent_patch_size)
+      decoded = np.asarray(_decode(self.model, self.params, latents))
+      u8 = to_uint8(decoded)
+      timing["vae_decode_s"] = timing.get("vae_decode_s", 0.0) + time.perf_counter() - t1
+      if record:
+        self.last.setdefault("groups", []).append(dict(members=members, final_latent=np.asarray(x),
+                                                       velocities=np.asarray(rec[0]), raw=np.asarray(rec[1]),
+                                                       decoded=decoded, image_u8=u8, schedule=(ts, dts, on)))
+      for j, i in enumerate(members):
+        if output == "pil":
+          from PIL import Image
+          results[i].append(Image.fromarray(u8[j]))
+        else:
+          results[i].append(u8[j])
+    return results
+
+
+__all__ = ["Inferencer", "ImageInput", "load_image", "preprocess_image", "to_uint8", "to_tensor", "ResizeRule",
+           "vae_resize_rule", "vit_resize_rule", "check_image_size", "VLM_THINK_SYSTEM_PROMPT",
+           "GEN_THINK_SYSTEM_PROMPT"]

@@ -1,0 +1,363 @@
+"""Memory and FLOPs plan of the sharded train step, compiled abstractly on fake CPU devices.
+
+    python -m bagel_jax.plan --config configs/bagel_7b_mot.py --mesh fsdp=8[,tensor=N] \
+        [--tokens 32768] [--remat full] [--layers K] [--step_time 12] [--peak_tflops 989]
+
+No weights are made: the model, optimizer state and batch are ShapeDtypeStructs carrying
+their NamedShardings, and `jit_train_step(...).lower(...).compile()` runs on as many fake
+CPU devices as the mesh needs (XLA_FLAGS is set before JAX starts). It prints, per device:
+parameters, optimizer state and EMA (exact, from the shardings), the compiler's argument,
+output and temporary (activations, gradients, workspace) bytes from
+`compiled.memory_analysis()`, and the total; then FLOPs per step and the MFU a step time means.
+
+- Each row of the global batch holds `--tokens` packed tokens (upstream packs 32k tokens per
+  GPU); the batch has one row per (data x fsdp) shard. A row is a representative mix: some
+  generation samples (caption + noisy VAE image), understanding samples (ViT image + answer
+  with CE) and plain text; see `row_plans`.
+- `--layers K` compiles K and 2K decoder layers instead of the full depth and extrapolates the
+  temporary memory linearly per layer (the scan makes it linear); the output says so.
+- FLOPs: XLA's cost analysis counts a while-loop body once, so the per-layer cost is measured
+  with models of 1 and 0 decoder layers (a scan of length 1 is inlined) and scaled to the
+  full depth; both the compiled count (including remat recomputation) and the model FLOPs
+  (6 x active matmul params x tokens + attention; upstream's MFU basis) are printed.
+- CPU buffer assignment stands in for the GPU/TPU one: figures are estimates (+/- 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 1024**3
+
+
+def _load_config(path: str | None):
+  if path is None:
+    return None
+  spec = importlib.util.spec_from_file_location("plan_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _get(cfg, *paths: str, default=None):
+  """The first of `paths` ("a.b.c") found in an ml_collections config, else default."""
+  if cfg is None:
+    return default
+  for p in paths:
+    node = cfg
+    ok = True
+    for k in p.split("."):
+      try:
+        node = node[k] if k in node else getattr(node, k)
+      except (AttributeError, KeyError, TypeError):
+        ok = False
+        break
+    if ok and node is not None:
+      return node
+  return default
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMix:
+  tokens: int = 32768
+  gen_images: int = 4  # noisy VAE images per row (generation targets)
+  gen_side: int = 512  # pixels
+  und_images: int = 4  # ViT images per row
+  und_side: int = 448  # pixels
+  ce_tokens: int = 8192  # text tokens with CE loss per row
+  caption: int = 64
+
+
+def row_plans(mix: RowMix, cfg) -> list:
+  """One row's samples: generation (caption + noisy image), understanding (image + answer), text fill."""
+  from bagel_jax import layout as L
+
+  g = mix.gen_side // cfg.latent_downsample
+  v = mix.und_side // cfg.vit.patch_size
+  ids = lambda n: [1] * n
+  samples, used, ce = [], 0, 0
+  for _ in range(mix.gen_images):
+    s = [L.Text(ids(mix.caption)), L.VaeImage((g, g), loss=True)]
+    samples.append(s)
+    used += L.plan_num_tokens(s)
+  per_answer = mix.ce_tokens // max(mix.und_images, 1) - 1 if mix.und_images else 0
+  for _ in range(mix.und_images):
+    s = [L.VitImage((v, v)), L.Text(ids(max(per_answer, 1)), loss=True)]
+    samples.append(s)
+    used += L.plan_num_tokens(s)
+    ce += max(per_answer, 1) + 1
+  rest = mix.tokens - used - 2
+  if rest < 0:
+    raise ValueError(f"the row mix needs {used} tokens, more than --tokens {mix.tokens}")
+  if rest > 0:
+    left_ce = max(mix.ce_tokens - ce, 0)
+    if left_ce and rest > 1:
+      n = min(left_ce - 1, rest - 2)
+      samples.append([L.Text(ids(max(n, 1)), loss=True)])
+      rest -= max(n, 1) + 2
+    if rest > 0:
+      samples.append([L.Text(ids(rest))])
+  return samples
+
+
+def abstract_batch(model, mix: RowMix, rows: int):
+  """ShapeDtypeStructs of a TrainBatch of `rows` identical rows (shapes from a real packing)."""
+  import jax
+  import numpy as np
+
+  from bagel_jax import layout as L
+  from bagel_jax.train_step import TrainBatch
+
+  cfg = model.cfg
+  plans = row_plans(mix, cfg)
+  nl = mix.gen_images * (mix.gen_side // cfg.latent_downsample) ** 2
+  cap = L.Capacity(tokens=mix.tokens, gen=max(nl, 1), und=mix.tokens - nl)
+  lay = L.pack([plans], cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
+               max_latent_size=cfg.max_latent_size)
+  lay = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[1:], np.asarray(x).dtype), lay)
+  nv = lay.vit_indexes.shape[1]
+  ni = lay.vae_image_noisy.shape[1]
+  side = mix.gen_side
+  return TrainBatch(layout=lay,
+                    vit_patches=jax.ShapeDtypeStruct((rows, nv, cfg.vit.patch_dim), np.float32),
+                    vae_images=jax.ShapeDtypeStruct((rows, ni, side, side, 3), np.float32)), lay
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  import jax
+  import numpy as np
+
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def model_flops(cfg, lay, rows: int) -> dict[str, float]:
+  """Model FLOPs per step (forward + backward = 3 x forward; no remat), from the layout's token sets."""
+  import numpy as np
+
+  llm, vit = cfg.llm, cfg.vit
+  d, f, hd = llm.hidden_size, llm.intermediate_size, llm.head_dim
+  hq, hk = llm.num_attention_heads, llm.num_key_value_heads
+  t = int(lay.token_kind.shape[1])
+  per_tok_layer = 2 * (d * hq * hd + 2 * d * hk * hd + hq * hd * d + 3 * d * f)  # one expert per token
+  # attention: visible (q, k) pairs of a representative row: causal text ~ T^2/2 within a sample
+  # is an upper bound; use T^2/2 (the packer's samples are shorter, so this overestimates).
+  pairs = t * t / 2
+  attn = 4 * pairs * hq * hd  # QK^T and PV
+  llm_fwd = llm.num_hidden_layers * (t * per_tok_layer + attn)
+  nc = int(lay.ce_indexes.shape[1])
+  head = 2 * nc * d * llm.vocab_size
+  nv = int(lay.vit_indexes.shape[1])
+  vd, vf = vit.hidden_size, vit.intermediate_size
+  vit_fwd = vit.num_hidden_layers * nv * 2 * (4 * vd * vd + 2 * vd * vf)
+  fwd = rows * (llm_fwd + head + vit_fwd)
+  return {"model_flops": 3.0 * fwd, "llm_attention_share": rows * 3 * llm.num_hidden_layers * attn / (3 * fwd)}
+
+
+def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae):
+  import jax
+
+  from bagel_jax import sharding as shd
+  from bagel_jax.train_step import jit_train_step
+
+  ss = shd.train_state_shardings(abstract_state, mesh, rules)
+  bs = shd.batch_shardings(batch, mesh, rules)
+  vs = shd.replicated(vae, mesh)
+  step = jit_train_step(model, tx, hp, mesh, rules, ss, bs, vs)
+  args = (shd.abstract_with_shardings(abstract_state, ss), shd.abstract_with_shardings(vae, vs),
+          shd.abstract_with_shardings(batch, bs))
+  t0 = time.time()
+  lowered = step.lower(*args)
+  compiled = lowered.compile()
+  return compiled, time.time() - t0, args
+
+
+def _with_layers(cfg, n: int):
+  return cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=n))
+
+
+def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
+         remat: str | None = None, layers: int | None = None, attention: str | None = None,
+         step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
+         flops: bool = True, out=print) -> dict[str, Any]:
+  """Compiles the train step abstractly and returns (and prints) the per-device figures."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from bagel_jax import config as C
+  from bagel_jax import sharding as shd
+  from bagel_jax.api import BagelModel
+  from bagel_jax.train_step import StepConfig, init_train_state
+
+  preset = preset or _get(config, "model.preset", "model.name", default="bagel_7b_mot")
+  cfg = getattr(C, preset)()
+  remat = remat or _get(config, "model.remat", "remat", default="full")
+  attention = attention or _get(config, "model.attention_impl", "attention_impl", default="xla_chunked")
+  if attention == "auto":
+    attention = "xla_chunked"
+  param_dtype = jnp.dtype(_get(config, "model.param_dtype", default="float32"))
+  dtype = jnp.dtype(_get(config, "model.dtype", default="bfloat16"))
+  ema_decay = _get(config, "train.ema_decay", "ema_decay", default=0.9999)
+  rules = shd.DEFAULT_RULES
+  mesh = shd.make_mesh(mesh_spec)
+  rows = rows_per_shard * mesh.shape["data"] * mesh.shape["fsdp"]
+  full_layers = cfg.llm.num_hidden_layers
+
+  def build(n_layers: int, attn: str):
+    model = BagelModel(_with_layers(cfg, n_layers), param_dtype=param_dtype, dtype=dtype,
+                       attention_impl=attn, remat=remat)
+    params = model.abstract_params()
+    optim_cfg = _get(config, "optim")
+    if optim_cfg is not None:
+      from bagel_jax.optim import frozen_patterns, make_optimizer
+      tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.total_steps", default=1000)))
+      frozen = frozen_patterns(optim_cfg)
+    else:
+      tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-15))
+      from bagel_jax.train_step import FROZEN_TABLES as frozen
+    hp = StepConfig(timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
+                    ema_decay=ema_decay, frozen=tuple(frozen))
+    state = jax.eval_shape(lambda p: init_train_state(p, tx, jax.random.key(0), ema_decay is not None),
+                           params["bagel"])
+    batch, lay = abstract_batch(model, mix, rows)
+    return model, tx, hp, state, batch, lay, params["vae"]
+
+  out(f"plan: {preset}, mesh {shd.describe(mesh)} ({mesh.size} fake CPU devices), {rows} rows x {mix.tokens} "
+      f"tokens, remat={remat}, attention={attention}, params {param_dtype.name} / compute {dtype.name}, "
+      f"EMA {'on' if ema_decay is not None else 'off'}")
+
+  # exact per-device state bytes at full depth (no compile)
+  model, tx, hp, state, batch, lay, vae = build(full_layers, attention)
+  ss = shd.train_state_shardings(state, mesh, rules)
+  st = shd.abstract_with_shardings(state, ss)
+  b_params = _bytes_per_device(st.params)
+  b_opt = _bytes_per_device(st.opt_state)
+  b_ema = _bytes_per_device(st.ema) if st.ema is not None else 0
+  b_vae = _bytes_per_device(shd.abstract_with_shardings(vae, shd.replicated(vae, mesh)))
+  b_batch = _bytes_per_device(shd.abstract_with_shardings(batch, shd.batch_shardings(batch, mesh, rules)))
+  nl = int(lay.vae_indexes.shape[1]); nv = int(lay.vit_indexes.shape[1]); nc = int(lay.ce_indexes.shape[1])
+  out(f"row: {mix.tokens} tokens = {nl} VAE latent tokens ({mix.gen_images} images {mix.gen_side}px), "
+      f"{nv} ViT tokens ({mix.und_images} images {mix.und_side}px), {nc} CE tokens, rest text")
+
+  if layers is None or layers >= full_layers:
+    compiled, secs, _ = _compile(model, tx, hp, mesh, rules, state, batch, vae)
+    ma = compiled.memory_analysis()
+    temp, arg, outb, alias = ma.temp_size_in_bytes, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes
+    how = f"compiled at full depth ({full_layers} layers) in {secs:.0f} s"
+  else:
+    k1, k2 = layers, 2 * layers
+    res = []
+    for k in (k1, k2):
+      m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, attention)
+      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k)
+      res.append((c.memory_analysis(), secs))
+    (m1, s1), (m2, s2) = res
+    per_layer = (m2.temp_size_in_bytes - m1.temp_size_in_bytes) / (k2 - k1)
+    temp = int(m1.temp_size_in_bytes + per_layer * (full_layers - k1))
+    # arguments/outputs: exact state + batch bytes at full depth
+    arg = b_params + b_opt + b_ema + b_vae + b_batch + 5 * 8
+    outb = b_params + b_opt + b_ema + 64
+    alias = outb
+    how = (f"EXTRAPOLATED: compiled with {k1} and {k2} decoder layers ({s1:.0f} s, {s2:.0f} s), "
+           f"temporaries scaled linearly to {full_layers} layers ({per_layer / GIB:.2f} GiB per layer)")
+  total = arg + outb - alias + temp
+  fig = {"params": b_params, "optimizer": b_opt, "ema": b_ema, "vae": b_vae, "batch": b_batch,
+         "arguments": arg, "outputs": outb, "aliased": alias, "activations_and_temps": temp, "total": total}
+  out(f"memory per device ({how}):")
+  out(f"  parameters      {b_params / GIB:8.2f} GiB  (trainable bagel tree, {param_dtype.name})")
+  out(f"  optimizer       {b_opt / GIB:8.2f} GiB")
+  out(f"  EMA             {b_ema / GIB:8.2f} GiB")
+  out(f"  VAE (frozen)    {b_vae / GIB:8.2f} GiB  (replicated)")
+  out(f"  batch           {b_batch / GIB:8.2f} GiB")
+  out(f"  arguments       {arg / GIB:8.2f} GiB  (memory_analysis; donated state is aliased to the outputs)")
+  out(f"  temporaries     {temp / GIB:8.2f} GiB  (activations, gradients, workspace)")
+  out(f"  total           {total / GIB:8.2f} GiB  = arguments + outputs - aliased + temporaries")
+  fits = total <= 80e9
+  out(f"  fits in 80 GB:  {'yes' if fits else 'NO'} ({total / 1e9:.1f} GB)")
+  fig["fits_80gb"] = fits
+
+  if flops:
+    # XLA counts a while body once: measure 0- and 1-layer models and scale per layer.
+    fl = []
+    for k in (0, 1):
+      m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, "reference")
+      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k)
+      ca = c.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      fl.append(float(ca.get("flops", 0.0)))
+    xla_dev = fl[0] + full_layers * (fl[1] - fl[0])
+    mf = model_flops(cfg, lay, rows)
+    per_dev_model = mf["model_flops"] / mesh.size
+    fig.update(xla_flops_per_device=xla_dev, model_flops_per_device=per_dev_model)
+    out(f"FLOPs per step per device: compiled {xla_dev / 1e12:.1f} TFLOP (XLA cost analysis with dense "
+        f"attention and remat recomputation; layer cost from 0/1-layer compiles x {full_layers}); "
+        f"model {per_dev_model / 1e12:.1f} TFLOP (6 N_active T + attention at T^2/2, "
+        f"attention share {mf['llm_attention_share']:.0%})")
+    if step_time:
+      mfu = per_dev_model / (step_time * peak_tflops * 1e12)
+      fig["mfu"] = mfu
+      out(f"MFU at {step_time:g} s/step and {peak_tflops:g} TFLOP/s peak: {mfu:.1%} "
+          f"(model FLOPs; {mix.tokens * rows / step_time / mesh.size:.0f} tokens/s/device)")
+    else:
+      for st_ in (5.0, 10.0, 20.0):
+        out(f"  MFU at {st_:4.1f} s/step ({peak_tflops:g} TFLOP/s peak): {per_dev_model / (st_ * peak_tflops * 1e12):.1%}")
+  return fig
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m bagel_jax.plan", description=__doc__.split("\n\n")[0])
+  ap.add_argument("--config", default=None, help="an ml_collections config file with get_config()")
+  ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
+  ap.add_argument("--preset", default=None, help="override the config's model preset (bagel_7b_mot, bagel_tiny)")
+  ap.add_argument("--tokens", type=int, default=None, help="packed tokens per row (default: config, else 32768)")
+  ap.add_argument("--rows_per_shard", type=int, default=1)
+  ap.add_argument("--gen_images", type=int, default=RowMix.gen_images)
+  ap.add_argument("--gen_side", type=int, default=RowMix.gen_side)
+  ap.add_argument("--und_images", type=int, default=RowMix.und_images)
+  ap.add_argument("--und_side", type=int, default=RowMix.und_side)
+  ap.add_argument("--ce_tokens", type=int, default=RowMix.ce_tokens)
+  ap.add_argument("--remat", default=None, help="remat policy (default: config, else 'full')")
+  ap.add_argument("--attention", default=None, help="attention impl for the memory compile (default xla_chunked)")
+  ap.add_argument("--layers", type=int, default=None, help="compile K and 2K layers and extrapolate")
+  ap.add_argument("--step_time", type=float, default=None, help="seconds per step, for the MFU")
+  ap.add_argument("--peak_tflops", type=float, default=989.0, help="per-device peak (H100 bf16 dense 989, A100 312)")
+  ap.add_argument("--no_flops", action="store_true")
+  a = ap.parse_args(argv)
+
+  # Fake devices: must be set before JAX initialises its backends.
+  sizes = [int(p.split("=")[1]) for p in a.mesh.split(",") if "=" in p]
+  n = math.prod(s for s in sizes if s > 0)
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  if "jax" in sys.modules:
+    import jax
+    if jax.device_count() < n:
+      print(f"plan: JAX already started with {jax.device_count()} devices; run it in a fresh process", file=sys.stderr)
+      return 2
+
+  config = _load_config(a.config)
+  tokens = a.tokens or int(_get(config, "data.tokens_per_row", "data.max_num_tokens", "data.expected_num_tokens",
+                                default=32768))
+  mix = RowMix(tokens=tokens, gen_images=a.gen_images, gen_side=a.gen_side, und_images=a.und_images,
+               und_side=a.und_side, ce_tokens=a.ce_tokens)
+  fig = plan(config, a.mesh, preset=a.preset, mix=mix, remat=a.remat, layers=a.layers, attention=a.attention,
+             step_time=a.step_time, peak_tflops=a.peak_tflops, rows_per_shard=a.rows_per_shard,
+             flops=not a.no_flops)
+  return 0 if fig["fits_80gb"] else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

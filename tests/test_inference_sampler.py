@@ -1,0 +1,109 @@
+"""The compiled sampler: one compilation per size bucket, CFG rules, batching, think mode, int8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bagel_jax.api import BagelModel
+from bagel_jax.config import load_config
+from bagel_jax.inference import FlowSettings, Inferencer, load_tokenizer
+from bagel_jax.inference import flow
+from bagel_jax.inference.quantize import QuantizedArray, param_bytes, quantize_params
+from tests.conftest import FIXTURE_DIR, rel_err
+
+TOKENIZER = FIXTURE_DIR.parent / "tokenizer" / "tokenizer.json"
+T2I = dict(num_timesteps=4, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+           cfg_renorm_type="global", output="array")
+
+
+@pytest.fixture(scope="module")
+def inf():
+  cfg = load_config(FIXTURE_DIR)
+  model = BagelModel(cfg, attention_impl="reference")
+  return Inferencer(model, model.load_upstream(FIXTURE_DIR), load_tokenizer(TOKENIZER))
+
+
+def test_two_prompts_same_size_compile_the_sampler_once(inf):
+  kw = dict(T2I, image_shapes=(24, 24))  # a size no other test uses: a fresh compilation
+  before = flow.TRACE_COUNT["denoise"]
+  a = inf.batch([["a red cat"]], seed=0, **kw)
+  assert flow.TRACE_COUNT["denoise"] == before + 1
+  b = inf.batch([["two people walking along a beach at night"]], seed=1, **kw)
+  assert flow.TRACE_COUNT["denoise"] == before + 1  # different prompt length and seed: no recompilation
+  assert a[0][0].shape == b[0][0].shape == (24, 24, 3)
+  assert not np.array_equal(a[0][0], b[0][0])
+
+
+def test_batch_matches_single_requests(inf):
+  noise = [np.random.default_rng(i).standard_normal((12, 64)).astype(np.float32) for i in range(2)]
+  prompts = ["a cozy kitchen with green plants", "stars"]
+  both = inf.batch([[p] for p in prompts], image_shapes=(24, 32), init_noise=noise, record=True, **T2I)
+  lat_both = inf.last["groups"][0]["final_latent"]
+  for i, p in enumerate(prompts):
+    inf.batch([[p]], image_shapes=(24, 32), init_noise=[noise[i]], record=True, **T2I)
+    assert rel_err(lat_both[i], inf.last["groups"][0]["final_latent"][0]) < 1e-5
+    assert np.abs(both[i][0].astype(int) - inf.last["groups"][0]["image_u8"][0]).max() <= 1
+
+
+def test_think_mode_contexts(inf):
+  [plan, img] = inf.interleave_inference(["a lighthouse at sunset"], think=True, max_think_token_n=6,
+                                         image_shapes=(24, 24), record=True, **{**T2I, "output": "pil"})
+  assert isinstance(plan, str) and img.size == (24, 24)
+  w = inf.last["where"]
+  sys_len = len(inf.tokenizer.encode(flow_prompt())) + 2
+  prompt_len = len(inf.tokenizer.encode("a lighthouse at sunset")) + 2
+  # upstream: gen = [system, prompt, plan]; cfg_text = [system]; both read one cache row.
+  assert w[(0, "cfg_text")] == (w[(0, "gen")][0], sys_len, sys_len)
+  assert w[(0, "gen")][1] == sys_len + prompt_len  # before the plan was appended
+  tokens = inf.last["tokens"][0]
+  assert tokens[0] == 500 and len(tokens) <= 6
+
+
+def flow_prompt():
+  from bagel_jax.inference.inferencer import GEN_THINK_SYSTEM_PROMPT
+  return GEN_THINK_SYSTEM_PROMPT
+
+
+def test_cfg_interval_is_strict_below_and_image_only_cfg_is_ignored():
+  s = FlowSettings(num_timesteps=7, timestep_shift=3.0, cfg_interval=(0.375, 1.0))
+  ts, dts, on = flow.schedule(s)
+  assert np.float32(0.375) in ts and not on[list(ts).index(np.float32(0.375))]  # lo < t, not lo <= t
+  assert on[0]  # t = 1.0 <= hi
+  assert np.allclose(dts.sum(), 1.0)
+  assert FlowSettings(cfg_text_scale=1.0, cfg_img_scale=2.0).num_contexts == 1
+  assert FlowSettings(cfg_text_scale=4.0, cfg_img_scale=1.0).num_contexts == 2
+  assert FlowSettings(cfg_text_scale=4.0, cfg_img_scale=1.5).num_contexts == 3
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_combine_cfg_formulas(renorm):
+  rng = np.random.default_rng(0)
+  v, u_t, u_i = (rng.standard_normal((1, 5, 8)).astype(np.float32) for _ in range(3))
+  st, si, lo = 4.0, 2.0, 0.0
+  got = np.asarray(flow.combine_cfg(*(jnp.asarray(a) for a in (v, u_t, u_i)), st, si, renorm, lo))
+  n = lambda x, ax: np.linalg.norm(x, axis=ax, keepdims=True)
+  if renorm == "text_channel":
+    vt = u_t + st * (v - u_t)
+    vt = vt * np.clip(n(v, -1) / (n(vt, -1) + 1e-8), lo, 1)
+    ref = u_i + si * (vt - u_i)
+  else:
+    g = u_i + si * (u_t + st * (v - u_t) - u_i)
+    ax = (1, 2) if renorm == "global" else -1
+    ref = g * np.clip(n(v, ax) / (n(g, ax) + 1e-8), lo, 1)
+  assert rel_err(got, ref) < 1e-6
+
+
+def test_int8_weights(inf, cases):
+  q = quantize_params(inf.params)
+  layers = q["bagel"]["llm"]["layers"]
+  assert isinstance(layers["gate_proj"]["kernel"], QuantizedArray)
+  assert layers["gate_proj"]["kernel"].q.dtype == jnp.int8
+  assert param_bytes(q) < param_bytes(inf.params)
+  w = inf.params["bagel"]["llm"]["layers"]["gate_proj"]["kernel"]
+  assert rel_err(layers["gate_proj"]["kernel"].dequantize(), w) < 1e-2
+  qinf = Inferencer(inf.model, q, None)
+  noise = cases["t2i/init_noise"]
+  kw = dict(T2I, num_timesteps=7)
+  qinf.batch([[cases["t2i/prompt_ids"].tolist()]], image_shapes=(32, 40), init_noise=[noise], record=True, **kw)
+  assert rel_err(qinf.last["groups"][0]["final_latent"][0], cases["t2i/final_latent"]) < 5e-2

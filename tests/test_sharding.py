@@ -1,0 +1,168 @@
+"""Mesh, logical rules and the sharded train step on 8 fake CPU devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bagel_jax import sharding as shd
+from bagel_jax.api import BagelModel
+from bagel_jax.config import bagel_7b_mot
+from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
+from tests.train_fixtures import (HP, ROWS, reference_run, tiny_batch, tiny_model, tiny_params,
+                                  tiny_tx, tx)
+
+# Sharded vs single-device (float32, lr 1e-3 AdamW after clipping): the loss agrees to 1e-5
+# relative; every updated parameter to 5e-5 absolute (5% of one step's largest update, which
+# Adam makes ~lr = 1e-3 per element: reduction order changes tiny gradients' Adam ratios).
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 5e-5
+
+
+def test_parse_and_make_mesh():
+  assert shd.parse_mesh("fsdp=4,tensor=2") == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert shd.parse_mesh(None) == {"data": 1, "fsdp": -1, "tensor": 1}
+  mesh = shd.make_mesh("data=2,fsdp=-1")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  with pytest.raises(shd.ShardingError):
+    shd.make_mesh("fsdp=3")
+  with pytest.raises(shd.ShardingError):
+    shd.parse_mesh("model=2")
+
+
+def test_every_7b_parameter_follows_the_rules():
+  params = BagelModel(bagel_7b_mot()).abstract_params()
+  mesh = shd.make_mesh("fsdp=4,tensor=2")
+  specs = shd.param_specs(params, mesh)
+  flat = {shd.path_str(p): (x, s) for (p, x), s in zip(jax.tree_util.tree_leaves_with_path(params),
+                                                      jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))}
+  expect = {
+      "bagel/llm/layers/q_proj/kernel": P(None, None, "fsdp", "tensor"),
+      "bagel/llm/layers/k_proj/kernel": P(None, None, "fsdp", "tensor"),
+      "bagel/llm/layers/o_proj/kernel": P(None, None, "tensor", "fsdp"),
+      "bagel/llm/layers/gate_proj/kernel": P(None, None, "fsdp", "tensor"),
+      "bagel/llm/layers/down_proj/kernel": P(None, None, "tensor", "fsdp"),
+      "bagel/llm/layers/q_proj/bias": P(None, None, "tensor"),
+      "bagel/llm/layers/input_layernorm": P(),
+      "bagel/llm/embed_tokens": P("tensor", "fsdp"),
+      "bagel/llm/lm_head": P("fsdp", "tensor"),
+      "bagel/vit/layers/fc1/kernel": P(None, "fsdp", "tensor"),
+      "bagel/vit/layers/fc2/kernel": P(None, "tensor", "fsdp"),
+      "bagel/connector/fc1/kernel": P("fsdp", "tensor"),
+      "bagel/latent_pos_embed": P(None, "fsdp"),
+      "vae/encoder/conv_in/kernel": P(),
+  }
+  for k, spec in expect.items():
+    assert k in flat, k
+    assert flat[k][1] == spec, (k, flat[k][1])
+  # every parameter: the spec is its logical names through the rules, no mesh axis twice,
+  # and every sharded dimension divisible by its mesh axes
+  sharded_bytes = 0
+  for k, (x, spec) in flat.items():
+    names = shd.param_logical_axes(k, len(x.shape))
+    assert spec == shd.logical_to_spec(names, shd.DEFAULT_RULES, mesh, x.shape)
+    axes = [a for d in spec for a in ((d,) if isinstance(d, str) else (d or ()))]
+    assert len(axes) == len(set(axes)), k
+    for dim, d in zip(x.shape, spec):
+      if d is not None:
+        assert dim % np.prod([mesh.shape[a] for a in ((d,) if isinstance(d, str) else d)]) == 0
+    if k.startswith("bagel/"):
+      sharded_bytes += np.prod(NamedSharding(mesh, spec).shard_shape(x.shape))
+      if np.prod(x.shape) >= 1 << 20:  # every large tensor is split at least over fsdp
+        assert np.prod(NamedSharding(mesh, spec).shard_shape(x.shape)) * 4 <= np.prod(x.shape), k
+  total = sum(np.prod(x.shape) for k, (x, _) in flat.items() if k.startswith("bagel/"))
+  assert sharded_bytes < total / 7.9  # ~1/8 of the 14.6B parameters per device
+
+
+def test_unknown_parameter_is_an_error():
+  with pytest.raises(shd.ShardingError, match="PARAM_AXES"):
+    shd.param_logical_axes("bagel/new_head/kernel", 2)
+  with pytest.raises(shd.ShardingError, match="names 4 axes"):
+    shd.param_logical_axes("llm/layers/q_proj/kernel", 3)
+
+
+def test_optimizer_state_mirrors_parameters():
+  from ml_collections import ConfigDict
+
+  from bagel_jax.optim import make_optimizer
+  mesh = shd.make_mesh("fsdp=4,tensor=2")
+  p = tiny_params()["bagel"]
+  ocfg = ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", min_lr=0.0, b1=0.9, b2=0.95, eps=1e-15,
+                         weight_decay=0.0, clip=1.0, freeze_vit=True))
+  for t in (tiny_tx(), make_optimizer(ocfg, p, 10)[0]):
+    state = jax.eval_shape(lambda q: init_train_state(q, t, jax.random.key(0), True), p)
+    ss = shd.train_state_shardings(state, mesh)
+    want = {shd.path_str(k): s.spec for k, s in jax.tree_util.tree_leaves_with_path(ss.params)}
+    n_mirrored = 0
+    for k, s in jax.tree_util.tree_leaves_with_path(ss.opt_state):
+      path = shd.path_str(k)
+      hits = [w for w in want if path.endswith(w)]
+      if hits:
+        assert s.spec == want[max(hits, key=len)], path
+        n_mirrored += 1
+      else:
+        assert s.spec == P(), path
+    assert n_mirrored >= len(want)  # mu and nu of each trainable leaf
+    assert ss.step.spec == P() and ss.rng.spec == P()
+
+
+@pytest.mark.parametrize("mesh_spec", ["fsdp=4,tensor=2", "data=2,fsdp=4"])
+def test_sharded_step_matches_single_device(mesh_spec):
+  model, params = tiny_model(), tiny_params()
+  ref_state, ref_metrics = reference_run(1)
+  mesh = shd.make_mesh(mesh_spec)
+  batch = tiny_batch(model.cfg, ROWS, 0)
+  abstract = jax.eval_shape(lambda q: init_train_state(q, tx(), jax.random.key(1), True), params["bagel"])
+  ss = shd.train_state_shardings(abstract, mesh)
+  bs = shd.batch_shardings(batch, mesh)
+  init = jit_init_train_state(tx(), mesh, ss, ema=True)
+  state = init(jax.device_put(params["bagel"], ss.params), jax.random.key(1))
+  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, bs)
+  out, m = step(state, jax.device_put(params["vae"], NamedSharding(mesh, P())), jax.device_put(batch, bs))
+  assert state.params["llm"]["lm_head"].is_deleted()  # the state was donated
+  for k in ("loss", "ce", "mse", "grad_norm"):
+    np.testing.assert_allclose(float(m[k]), float(ref_metrics[0][k]), rtol=LOSS_RTOL, err_msg=k)
+  for k in ("num_ce", "num_mse", "skipped"):
+    assert int(m[k]) == int(ref_metrics[0][k])
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_state.params))
+  worst = 0.0
+  for path, x in jax.tree_util.tree_leaves_with_path(out.params):
+    want_spec = shd.logical_to_spec(shd.param_logical_axes(shd.path_str(path), x.ndim), shd.DEFAULT_RULES,
+                                    mesh, x.shape)
+    assert x.sharding.spec == want_spec, (shd.path_str(path), x.sharding.spec, want_spec)
+    worst = max(worst, float(np.max(np.abs(np.asarray(x) - flat_ref[path]))))
+  assert worst < PARAM_ATOL, worst
+  for a, b in zip(jax.tree.leaves(out.ema), jax.tree.leaves(ref_state.ema)):
+    np.testing.assert_allclose(a, b, atol=PARAM_ATOL)
+  np.testing.assert_array_equal(out.rng, ref_state.rng)
+  assert int(out.step) == 1
+  # a large kernel really is split: fsdp on the input dim (and tensor on the output dim)
+  q = out.params["llm"]["layers"]["q_proj"]["kernel"]
+  assert q.addressable_shards[0].data.shape[2] == q.shape[2] // mesh.shape["fsdp"]
+
+
+def test_host_local_to_global_single_process():
+  mesh = shd.make_mesh("data=2,fsdp=4")
+  batch = tiny_batch(tiny_model().cfg, ROWS, 0)
+  bs = shd.batch_shardings(batch, mesh)
+  rows = shd.process_rows(ROWS)
+  assert rows == slice(0, ROWS)
+  g = shd.host_local_to_global(jax.tree.map(lambda x: np.asarray(x)[rows], batch), bs)
+  np.testing.assert_array_equal(g.layout.k_end, batch.layout.k_end)
+  assert g.vae_images.sharding.spec == P(("data", "fsdp"))
+  with pytest.raises(shd.ShardingError):
+    shd.batch_shardings(tiny_batch(tiny_model().cfg, 3, 0), mesh)
+
+
+def test_constrain_is_a_noop_without_rules():
+  x = np.ones((8, 4), np.float32)
+  assert shd.constrain(x, ("activation_batch", None)) is x
+  mesh = shd.make_mesh("fsdp=8")
+
+  @jax.jit
+  def f(x):
+    with shd.use_rules(mesh):
+      return shd.constrain(x * 2, ("activation_batch", "activation_embed"))
+
+  assert f(x).sharding.spec == P("fsdp")
