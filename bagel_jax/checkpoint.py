@@ -309,24 +309,27 @@ def _streamed_handler_cls():
 
     async def _write_all(self, values, infos):
       self.idle.clear()
+      inflight: collections.deque = collections.deque()
+
+      async def drain(limit):
+        while inflight and sum(n for _, n, _ in inflight) > limit:
+          if self.cancel.is_set():
+            raise Cancelled(_CANCELLED_MSG)
+          fut, n, name = inflight[0]
+          await fut
+          inflight.popleft()
+          if self.on_piece is not None:
+            self.on_piece(name, n)
+
+      async def open_one(v, info):
+        await info.await_path_creation()
+        spec = ts_utils.build_array_write_spec(
+            info=info, arg=ser_types.SaveArgs(chunk_byte_size=self.chunk_bytes), global_shape=v.shape,
+            local_shape=v.write_shape, dtype=v.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+            process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
+        return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+
       try:
-        inflight: collections.deque = collections.deque()
-
-        async def drain(limit):
-          while inflight and sum(n for _, n, _ in inflight) > limit:
-            fut, n, name = inflight.popleft()
-            await fut
-            if self.on_piece is not None:
-              self.on_piece(name, n)
-
-        async def open_one(v, info):
-          await info.await_path_creation()
-          spec = ts_utils.build_array_write_spec(
-              info=info, arg=ser_types.SaveArgs(chunk_byte_size=self.chunk_bytes), global_shape=v.shape,
-              local_shape=v.write_shape, dtype=v.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-              process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
-          return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-
         stores = await asyncio.gather(*[open_one(v, info) for v, info in zip(values, infos)])
         for v, t in zip(values, stores):
           for p in v.pieces:
@@ -341,6 +344,16 @@ def _streamed_handler_cls():
             inflight.append((t[idx].write(x, can_reference_source_data_indefinitely=True), p.nbytes, p.name))
             del x
         await drain(0)
+      except BaseException:
+        # Stop and wait for the writes still in flight, so nothing writes into the folder
+        # after the caller has removed it.
+        for fut, _, _ in inflight:
+          with contextlib.suppress(Exception):
+            fut.cancel()
+        for fut, _, _ in inflight:
+          with contextlib.suppress(BaseException):
+            await fut
+        raise
       finally:
         self.idle.set()
 

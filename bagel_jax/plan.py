@@ -165,6 +165,141 @@ def model_flops(cfg, lay, rows: int) -> dict[str, float]:
   return {"model_flops": 3.0 * fwd, "llm_attention_share": rows * 3 * llm.num_hidden_layers * attn / (3 * fwd)}
 
 
+# ----------------------------------------------------------------------------- flash stand-in
+def flash_xla_attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
+                        chunk: int = 256):
+  """Exact interval-mask attention in plain XLA with a flash-style custom VJP.
+
+  The stand-in for the Pallas kernels when the plan compiles on CPU: like them it saves only
+  q, k, v, the output and the log-sum-exp, and the backward pass recomputes probabilities one
+  key chunk at a time, so no [T, S] tensor and no per-chunk accumulator stack is kept.
+  (`xla_chunked` differentiates through its key-chunk scan and saves every chunk's fp32
+  accumulator: ~T x Hq x D x 4 bytes per chunk.) Registered as attention impl "flash_xla"
+  while the plan runs.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from bagel_jax.attention.mask import default_q_positions, dense_mask
+
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  c = min(chunk, s)
+  n = -(-s // c)
+  pad = n * c - s
+  qp = default_q_positions(b, t) if q_positions is None else q_positions
+
+  def chunks(x):
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape((b, n, c) + x.shape[2:]).swapaxes(0, 1)
+
+  def scores(qg, kc, i, qsc, qec, ints):
+    ks, ke, qpos = ints
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * scale
+    mask = dense_mask(ks, ke, qsc, qec, qpos, key_offset=i * c)[:, None, None]
+    return logits, mask
+
+  def fwd(q, k, v, ints, qs, qe):
+    qg = q.reshape(b, t, hkv, g, d)
+    xs = (jnp.arange(n, dtype=jnp.int32), chunks(k), chunks(v), chunks(qs), chunks(qe))
+
+    def body(carry, x):
+      m, l, acc = carry
+      i, kc, vc, qsc, qec = x
+      logits, mask = scores(qg, kc, i, qsc, qec, ints)
+      logits = jnp.where(mask, logits, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.where(mask, jnp.exp(logits - m_safe[..., None]), 0.0)
+      corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vc,
+                                               preferred_element_type=jnp.float32)
+      return (m_new, l * corr + jnp.sum(p, axis=-1), acc), None
+
+    init = (jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, xs)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    lse = jnp.where(l == 0, jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(l == 0, 1.0, l)))
+    o = jnp.einsum("bkgtd->btkgd", out).reshape(b, t, hq, d).astype(q.dtype)
+    return o, lse
+
+  @jax.custom_vjp
+  def attn(q, k, v, ks, ke, qs, qe, qpos):
+    return fwd(q, k, v, (ks, ke, qpos), qs, qe)[0]
+
+  def attn_fwd(q, k, v, ks, ke, qs, qe, qpos):
+    o, lse = fwd(q, k, v, (ks, ke, qpos), qs, qe)
+    return o, (q, k, v, o, lse, ks, ke, qs, qe, qpos)
+
+  def attn_bwd(res, do):
+    q, k, v, o, lse, ks, ke, qs, qe, qpos = res
+    qg = q.reshape(b, t, hkv, g, d)
+    dog = do.reshape(b, t, hkv, g, d)
+    delta = jnp.einsum("btkgd,btkgd->bkgt", dog.astype(jnp.float32), o.reshape(b, t, hkv, g, d).astype(jnp.float32))
+
+    def body(dq, x):
+      i, kc, vc, qsc, qec = x
+      logits, mask = scores(qg, kc, i, qsc, qec, (ks, ke, qpos))
+      p = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)  # lse = inf on empty rows -> 0
+      dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("btkgd,bskd->bkgts", dog, vc, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta[..., None]) * scale
+      dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32)
+      dk = jnp.einsum("bkgts,btkgd->bskd", ds.astype(q.dtype), qg, preferred_element_type=jnp.float32)
+      return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    xs = (jnp.arange(n, dtype=jnp.int32), chunks(k), chunks(v), chunks(qs), chunks(qe))
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((b, t, hkv, g, d), jnp.float32), xs)
+    unchunk = lambda x: x.swapaxes(0, 1).reshape((b, n * c) + x.shape[3:])[:, :s]
+    return (dq.reshape(b, t, hq, d).astype(q.dtype), unchunk(dk), unchunk(dv), None, None, None, None, None)
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn(q, k, v, k_start, k_end, q_start, q_end, qp)
+
+
+def register_flash_xla() -> None:
+  """Makes attention impl "flash_xla" resolve to `flash_xla_attention` (planning only)."""
+  from bagel_jax.attention import api
+
+  if getattr(api._load, "_plan_flash", False):
+    return
+  load = api._load
+
+  def _load(impl: str):
+    return flash_xla_attention if impl == "flash_xla" else load(impl)
+
+  _load._plan_flash = True
+  api._load = _load
+
+
+def largest_buffers(compiled, n: int = 12) -> list[tuple[int, str, str]]:
+  """The n largest per-device arrays in the optimized HLO (diagnostics; not all live at once)."""
+  import re
+
+  itemsize = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
+              "s64": 8, "u64": 8}
+  pat = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(")
+  seen, out = set(), []
+  for line in compiled.as_text().splitlines():
+    m = pat.match(line)
+    if not m or m.group(1) not in itemsize:
+      continue
+    dims = [int(x) for x in m.group(2).split(",") if x]
+    nbytes = itemsize[m.group(1)] * math.prod(dims)
+    op = re.search(r'op_name="([^"]+)"', line)
+    where = op.group(1)[-90:] if op else ""
+    key = (m.group(1), m.group(2), where)
+    if key in seen:
+      continue
+    seen.add(key)
+    out.append((nbytes, f"{m.group(1)}[{m.group(2)}] {m.group(3)}", where))
+  out.sort(key=lambda x: -x[0])
+  return out[:n]
+
+
 def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae):
   import jax
 
@@ -190,7 +325,7 @@ def _with_layers(cfg, n: int):
 def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
          remat: str | None = None, layers: int | None = None, attention: str | None = None,
          step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
-         flops: bool = True, out=print) -> dict[str, Any]:
+         flops: bool = True, top: int = 0, out=print) -> dict[str, Any]:
   """Compiles the train step abstractly and returns (and prints) the per-device figures."""
   import jax
   import jax.numpy as jnp
@@ -201,15 +336,22 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   from bagel_jax.api import BagelModel
   from bagel_jax.train_step import StepConfig, init_train_state
 
-  preset = preset or _get(config, "model.preset", "model.name", default="bagel_7b_mot")
-  cfg = getattr(C, preset)()
-  remat = remat or _get(config, "model.remat", "remat", default="full")
-  attention = attention or _get(config, "model.attention_impl", "attention_impl", default="xla_chunked")
-  if attention == "auto":
-    attention = "xla_chunked"
+  if preset is not None or config is None:
+    preset = preset or "bagel_7b_mot"
+    cfg = getattr(C, preset)()
+  else:
+    from bagel_jax.train import model_config
+    cfg = model_config(config)
+    preset = _get(config, "model.checkpoint", default="") or _get(config, "model.preset", default="?")
+  remat = remat or _get(config, "model.remat", default="full")
+  attention = attention or "flash_xla"
+  if attention in ("auto", "pallas_gpu", "pallas_tpu", "cudnn"):
+    attention = "flash_xla"  # the kernels cannot compile for CPU; this has their memory profile
+  if attention == "flash_xla":
+    register_flash_xla()
   param_dtype = jnp.dtype(_get(config, "model.param_dtype", default="float32"))
   dtype = jnp.dtype(_get(config, "model.dtype", default="bfloat16"))
-  ema_decay = _get(config, "train.ema_decay", "ema_decay", default=0.9999)
+  ema_decay = float(_get(config, "train.ema_decay", default=0.9999)) or None
   rules = shd.DEFAULT_RULES
   mesh = shd.make_mesh(mesh_spec)
   rows = rows_per_shard * mesh.shape["data"] * mesh.shape["fsdp"]
@@ -222,12 +364,14 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     optim_cfg = _get(config, "optim")
     if optim_cfg is not None:
       from bagel_jax.optim import frozen_patterns, make_optimizer
-      tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.total_steps", default=1000)))
+      tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.steps", default=1000)))
       frozen = frozen_patterns(optim_cfg)
     else:
       tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-15))
       from bagel_jax.train_step import FROZEN_TABLES as frozen
-    hp = StepConfig(timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
+    hp = StepConfig(ce_weight=float(_get(config, "train.ce_weight", default=1.0)),
+                    mse_weight=float(_get(config, "train.mse_weight", default=1.0)),
+                    timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
                     ema_decay=ema_decay, frozen=tuple(frozen))
     state = jax.eval_shape(lambda p: init_train_state(p, tx, jax.random.key(0), ema_decay is not None),
                            params["bagel"])
@@ -256,8 +400,10 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     ma = compiled.memory_analysis()
     temp, arg, outb, alias = ma.temp_size_in_bytes, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes
     how = f"compiled at full depth ({full_layers} layers) in {secs:.0f} s"
+    for nbytes, what, where in largest_buffers(compiled, top) if top else ():
+      out(f"  [largest] {nbytes / GIB:7.2f} GiB  {what}  {where}")
   else:
-    k1, k2 = layers, 2 * layers
+    k1, k2 = max(layers, 2), 2 * max(layers, 2)  # a 1-layer scan is inlined: not on the line
     res = []
     for k in (k1, k2):
       m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, attention)
@@ -320,20 +466,25 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m bagel_jax.plan", description=__doc__.split("\n\n")[0])
   ap.add_argument("--config", default=None, help="an ml_collections config file with get_config()")
   ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
-  ap.add_argument("--preset", default=None, help="override the config's model preset (bagel_7b_mot, bagel_tiny)")
-  ap.add_argument("--tokens", type=int, default=None, help="packed tokens per row (default: config, else 32768)")
+  ap.add_argument("--preset", default=None, help="a bagel_jax.config preset instead of the config's model "
+                  "(bagel_7b_mot, bagel_tiny)")
+  ap.add_argument("--tokens", type=int, default=None,
+                  help="packed tokens per row (default: the config's data.capacity.tokens, else 32768)")
   ap.add_argument("--rows_per_shard", type=int, default=1)
   ap.add_argument("--gen_images", type=int, default=RowMix.gen_images)
   ap.add_argument("--gen_side", type=int, default=RowMix.gen_side)
   ap.add_argument("--und_images", type=int, default=RowMix.und_images)
   ap.add_argument("--und_side", type=int, default=RowMix.und_side)
   ap.add_argument("--ce_tokens", type=int, default=RowMix.ce_tokens)
-  ap.add_argument("--remat", default=None, help="remat policy (default: config, else 'full')")
-  ap.add_argument("--attention", default=None, help="attention impl for the memory compile (default xla_chunked)")
+  ap.add_argument("--remat", default=None, help="remat policy (default: the config's model.remat, else 'full')")
+  ap.add_argument("--attention", default=None,
+                  help="attention impl for the memory compile (default flash_xla: a flash-style XLA stand-in "
+                       "with the Pallas kernels' residuals; xla_chunked to see that backend)")
   ap.add_argument("--layers", type=int, default=None, help="compile K and 2K layers and extrapolate")
   ap.add_argument("--step_time", type=float, default=None, help="seconds per step, for the MFU")
   ap.add_argument("--peak_tflops", type=float, default=989.0, help="per-device peak (H100 bf16 dense 989, A100 312)")
   ap.add_argument("--no_flops", action="store_true")
+  ap.add_argument("--top", type=int, default=0, help="also list the N largest per-device HLO arrays")
   a = ap.parse_args(argv)
 
   # Fake devices: must be set before JAX initialises its backends.
@@ -349,13 +500,12 @@ def main(argv=None) -> int:
       return 2
 
   config = _load_config(a.config)
-  tokens = a.tokens or int(_get(config, "data.tokens_per_row", "data.max_num_tokens", "data.expected_num_tokens",
-                                default=32768))
+  tokens = a.tokens or int(_get(config, "data.capacity.tokens", default=32768))
   mix = RowMix(tokens=tokens, gen_images=a.gen_images, gen_side=a.gen_side, und_images=a.und_images,
                und_side=a.und_side, ce_tokens=a.ce_tokens)
   fig = plan(config, a.mesh, preset=a.preset, mix=mix, remat=a.remat, layers=a.layers, attention=a.attention,
              step_time=a.step_time, peak_tflops=a.peak_tflops, rows_per_shard=a.rows_per_shard,
-             flops=not a.no_flops)
+             flops=not a.no_flops, top=a.top)
   return 0 if fig["fits_80gb"] else 1
 
 

@@ -355,18 +355,28 @@ def _init_params(setup: Setup, model, vae_params, shardings, vae_shardings):
     return bagel, jax.device_put(vae, vae_shardings)
 
   seed = int(config.train.seed)
+  # Small models: eager init (XLA compiles random-init graphs slowly on CPU), then placed.
+  # Large ones: jitted straight into their shardings, so no device ever holds a whole copy.
+  eager = sum(x.size for x in jax.tree.leaves(model.abstract_params())) < EAGER_INIT_MAX_PARAMS
 
   def init_bagel(key):
     b = Bagel(model.cfg, rngs=nnx.Rngs(params=key), param_dtype=model.param_dtype, dtype=model.dtype,
               attention_impl=model.attention_impl, remat=model.remat)
     return nnx.to_pure_dict(nnx.state(b))
 
-  bagel = jax.jit(init_bagel, out_shardings=shardings)(jax.random.key(seed))
+  def init_vae(key):
+    return nnx.to_pure_dict(nnx.state(AutoEncoder(model.cfg.vae, rngs=nnx.Rngs(params=key))))
+
+  def make(fn, key, sh):
+    return jax.device_put(fn(key), sh) if eager else jax.jit(fn, out_shardings=sh)(key)
+
+  bagel = make(init_bagel, jax.random.key(seed), shardings)
   if vae_params is None:
-    def init_vae(key):
-      return nnx.to_pure_dict(nnx.state(AutoEncoder(model.cfg.vae, rngs=nnx.Rngs(params=key))))
-    vae_params = jax.jit(init_vae, out_shardings=vae_shardings)(jax.random.key(seed + 1))
+    vae_params = make(init_vae, jax.random.key(seed + 1), vae_shardings)
   return bagel, jax.device_put(vae_params, vae_shardings)
+
+
+EAGER_INIT_MAX_PARAMS = 200_000_000
 
 
 class _Stop:
@@ -455,9 +465,12 @@ def run(config, workdir) -> dict:
     vae_params = checkpointing.load_params(vae_file, vae_abs) if vae_params is None else jax.device_put(vae_params, vae_sh)
     _log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
+    t0 = time.time()
     bagel, vae_params = _init_params(setup, model, vae_params, param_sh, vae_sh)
+    _log.info("parameters ready (%.1fs)", time.time() - t0)
     if is_main and not vae_file.exists():
       checkpointing.save_params(vae_file, vae_params)
+      _log.info("saved the VAE parameters (%.1fs)", time.time() - t0)
     init = ts.jit_init_train_state(tx, mesh, state_sh, ema)
     state = init(bagel, jax.random.key_data(jax.random.key(int(config.train.seed) + 2)))
     start = 0

@@ -147,7 +147,7 @@ def train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConf
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   frozen = frozen_mask(state.params, hp.frozen)
   grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -31,6 +31,8 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
   t0 = time.perf_counter()
   src, dst = pathlib.Path(src).absolute(), pathlib.Path(dst).absolute()
   check_destination(dst, overwrite)
+  if dst == src or dst in src.parents:
+    raise W.CheckpointError(f"{dst}: the destination must not be the source folder or contain it")
   if not src.is_dir():
     raise W.CheckpointError(f"{src}: checkpoint folder not found")
   cfg = load_config(src)

@@ -153,6 +153,8 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
   if dtype not in (None, "bfloat16", "float32"):
     raise CheckpointError(f"--dtype {dtype}: expected bfloat16 or float32")
   check_destination(dst, overwrite)
+  if dst == src or dst in src.parents:
+    raise CheckpointError(f"{dst}: the destination must not be the source folder or contain it")
   if not src.is_dir():
     raise CheckpointError(f"{src}: checkpoint folder not found")
   cfg = load_config(src)

@@ -1,5 +1,6 @@
 """One process of the multi-process test (launched by tests/test_multiprocess.py).
 
+    launch/local.sh 2 --cpu 4 -- python tests/multiprocess_worker.py --workdir DIR
     python tests/multiprocess_worker.py --process_id I --num_processes 2 --port P --workdir DIR
 
 Each process has 4 CPU devices; with jax.distributed (gloo CPU collectives) they form one
@@ -23,15 +24,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 def main() -> int:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--process_id", type=int, required=True)
-  ap.add_argument("--num_processes", type=int, default=2)
-  ap.add_argument("--port", type=int, required=True)
+  ap.add_argument("--process_id", type=int, default=None, help="default: $JAX_PROCESS_ID (launch/local.sh)")
+  ap.add_argument("--num_processes", type=int, default=None)
+  ap.add_argument("--port", type=int, default=None)
   ap.add_argument("--workdir", required=True)
   a = ap.parse_args()
 
   from bagel_jax import sharding as shd
 
-  shd.initialize_distributed(f"127.0.0.1:{a.port}", a.num_processes, a.process_id, cpu_collectives="gloo")
+  if a.port is None:  # from the environment, as launch/local.sh sets it
+    assert shd.initialize_distributed(), "not launched as several processes"
+  else:
+    shd.initialize_distributed(f"127.0.0.1:{a.port}", a.num_processes, a.process_id, cpu_collectives="gloo")
 
   import jax
   import numpy as np
@@ -42,7 +46,7 @@ def main() -> int:
   from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
   from tests.train_fixtures import HP, ROWS, tiny_batch, tiny_model, tx
 
-  assert jax.process_count() == a.num_processes and jax.device_count() == 4 * a.num_processes
+  assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
   work = pathlib.Path(a.workdir)
   model = tiny_model()
   with np.load(work / "init.npz") as z:
@@ -97,7 +101,7 @@ def main() -> int:
     np.savez(work / "out.npz", losses=np.asarray(losses), step=int(back.step), restored_equal=same,
              rng=np.asarray(back.rng), **out)
   multihost_utils.sync_global_devices("done")
-  print(f"process {a.process_id}: losses {losses}, restore equal {same}", flush=True)
+  print(f"process {jax.process_index()}: losses {losses}, restore equal {same}", flush=True)
   return 0
 
 

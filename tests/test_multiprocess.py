@@ -15,6 +15,7 @@ from tests.train_fixtures import reference_run, tiny_params
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parents[1]
+LAUNCH = REPO / "launch" / "local.sh"
 # 8 devices in 2 processes vs 1 device: reduction order only (float32).
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 5e-5
@@ -29,25 +30,20 @@ def _free_port() -> int:
 def test_two_processes_train_save_restore(tmp_path):
   params = tiny_params()
   np.savez(tmp_path / "init.npz", **{shd.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)})
-  port = _free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and "PROXY" not in k.upper()}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  procs = [subprocess.Popen([sys.executable, str(WORKER), "--process_id", str(i), "--num_processes", "2",
-                             "--port", str(port), "--workdir", str(tmp_path)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PORT=str(_free_port()))
+  # launch/local.sh starts both processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)
+  proc = subprocess.Popen(["bash", str(LAUNCH), "2", "--cpu", "4", "--", sys.executable, str(WORKER),
+                           "--workdir", str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
   ref_state, ref_metrics = reference_run(3)  # overlaps with the workers' start-up
-  logs = []
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=420)
-      logs.append(out)
+    log, _ = proc.communicate(timeout=420)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
+    if proc.poll() is None:
+      os.killpg(proc.pid, 9)
+  assert proc.returncode == 0, log[-6000:]
+  assert "[0] process 0: losses" in log and "[1] process 1: losses" in log, log[-6000:]
 
   with np.load(tmp_path / "out.npz") as z:
     got = {k: z[k] for k in z.files}

@@ -177,6 +177,28 @@ def _decode(model, params, latents):
 
 # ----------------------------------------------------------------------------- the inferencer
 
+def assign_rows(contexts: Sequence[dict[str, list]], names: Sequence[str]):
+  """Cache rows for the contexts `names` of each request: a context whose segments are a prefix of
+  another context of the same request (same segment objects) reads that context's row.
+
+  Returns (rows: the segment lists to prefill, where: {(request, name): (row, length, next rope)}).
+  """
+  rows: list[list] = []
+  owner: list[int] = []
+  where: dict[tuple[int, str], tuple[int, int, int]] = {}
+  todo = sorted(((i, nm) for i in range(len(contexts)) for nm in names), key=lambda x: -len(contexts[x[0]][x[1]]))
+  for i, nm in todo:  # longest first (stable: gen before the CFG contexts on ties)
+    segs = contexts[i][nm]
+    row = next((r for r, (o, src) in enumerate(zip(owner, rows))
+                if o == i and len(src) >= len(segs) and all(a is b for a, b in zip(src, segs))), None)
+    if row is None:
+      rows.append(list(segs))
+      owner.append(i)
+      row = len(rows) - 1
+    where[(i, nm)] = (row, kc.context_length(segs), kc.context_rope(segs))
+  return rows, where
+
+
 @dataclasses.dataclass
 class _Request:
   contexts: dict[str, list]  # gen / cfg_text / cfg_img -> segments
@@ -285,19 +307,7 @@ class Inferencer:
 
   def _prefill(self, reqs: list[_Request], names: Sequence[str], extra: int):
     """One batched prefill of every distinct context; returns (cache, {(i, name): (row, length, rope)})."""
-    rows: list[list] = []
-    owner: list[int] = []
-    where: dict[tuple[int, str], tuple[int, int, int]] = {}
-    todo = sorted(((i, nm) for i in range(len(reqs)) for nm in names),
-                  key=lambda x: -len(reqs[x[0]].contexts[x[1]]))
-    for i, nm in todo:
-      segs = reqs[i].contexts[nm]
-      row = next((r for r, (o, src) in enumerate(zip(owner, rows))
-                  if o == i and len(src) >= len(segs) and all(a is b for a, b in zip(src, segs))), None)
-      if row is None:
-        rows.append(list(segs)); owner.append(i)
-        row = len(rows) - 1
-      where[(i, nm)] = (row, kc.context_length(segs), kc.context_rope(segs))
+    rows, where = assign_rows([r.contexts for r in reqs], names)
     chunk = kc.build_chunk(rows, [0] * len(rows), self.cfg)
     capacity = kc.bucket(max(kc.context_length(r) for r in rows) + extra)
     cache = kc.prefill(self.model, self.params, jax.tree.map(jnp.asarray, chunk), capacity,
@@ -363,6 +373,9 @@ class Inferencer:
                                  cfg_renorm_min=cfg_renorm_min, global_renorm_over_batch=global_renorm_over_batch)
     if not understanding_output:
       settings.validate()
+    if (understanding_output or think) and int(max_think_token_n) < 1:
+      raise InferenceError(f"max_think_token_n must be at least 1 (it counts the <|im_start|> token); "
+                           f"got {max_think_token_n}")
     if not requests:
       return []
     self.last = {} if record else self.last
@@ -425,8 +438,9 @@ class Inferencer:
         for i in members:
           r, ln, rp = where[(i, nm)]
           rows.append(r); lengths.append(ln); ropes.append(rp)
+      # The stacked contexts get the capacity they need (not the prefill's decoding reserve).
       stacked = kc.take_rows(cache, jnp.asarray(rows, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                             jnp.asarray(ropes, jnp.int32))
+                             jnp.asarray(ropes, jnp.int32), capacity=min(cache.capacity, kc.bucket(max(lengths))))
       if init_noise is not None:
         x0 = jnp.stack([jnp.asarray(init_noise[i], jnp.float32).reshape(n_tok, cfg.patch_latent_dim) for i in members])
       else:
@@ -442,7 +456,9 @@ class Inferencer:
       t1 = time.perf_counter()
       timing["denoise_s"] = timing.get("denoise_s", 0.0) + t1 - t0
       latents = unpatchify(x, grid[0], grid[1], cfg.latent_patch_size)
-      decoded = np.asarray(_decode(self.model, self.params, latents))
+      # One image at a time: the decoder compiles once per size, and its activations stay small.
+      decoded = np.concatenate([np.asarray(_decode(self.model, self.params, latents[j:j + 1]))
+                                for j in range(latents.shape[0])])
       u8 = to_uint8(decoded)
       timing["vae_decode_s"] = timing.get("vae_decode_s", 0.0) + time.perf_counter() - t1
       if record:

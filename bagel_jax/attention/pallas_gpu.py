@@ -1,0 +1,362 @@
+"""Pallas GPU (Triton backend) flash attention over BAGEL's interval mask.
+
+Same contract as `bagel_jax.attention.api.attention`.  The mask is computed in the kernel from
+the four interval arrays; a query block only visits the key blocks listed in its schedule
+(`blocks.py`: per-block min/max of the intervals, compacted to a list), so fully masked blocks
+cost nothing.  GQA is by head index (`kv_head = q_head // group`): K/V are never repeated; the
+dk/dv kernel of one KV head loops over the query heads of its group.  Softmax statistics and all
+accumulators are fp32; the backward pass (jax.custom_vjp) saves only the output and the
+log-sum-exp ([B, Hq, T]) and recomputes probabilities block by block (no T x S tensor).
+
+Head dims that are not a power of two (SigLIP's 72) are zero-padded to one (Triton needs
+power-of-two tiles); T and S are padded to whole blocks (padded rows and columns are masked).
+
+The Triton backend of Pallas is deprecated upstream (JAX 0.11) in favour of Mosaic GPU, which
+has no Ampere attention kernel yet; this kernel targets A100 and H100 through Triton.  On CPU it
+runs with `interpret=True` (or the module switch `INTERPRET = True`), which the tests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bagel_jax.attention import blocks
+from bagel_jax.attention.api import BackendUnavailable
+
+INTERPRET = False  # module switch: run every call in the Pallas interpreter (CPU tests)
+
+_LOG2E = math.log2(math.e)
+_MIN_BLOCK = 16  # tl.dot needs at least 16 rows/columns
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of two). `*_bwd` are used by both backward kernels."""
+  block_q: int = 128
+  block_k: int = 64
+  block_q_bwd: int = 64
+  block_k_bwd: int = 64
+  num_warps: int | None = None  # default: 4 for head dim <= 64, else 8
+  num_stages: int = 2
+
+
+def unavailable_reason() -> str | None:
+  """Why the compiled kernel cannot run here (None if it can)."""
+  try:
+    devs = jax.devices()
+  except RuntimeError as e:  # pragma: no cover
+    return str(e)
+  if devs[0].platform != "gpu":
+    return f"pallas_gpu needs an NVIDIA GPU (Triton); the default backend is {devs[0].platform}"
+  kind = getattr(devs[0], "device_kind", "")
+  cc = getattr(devs[0], "compute_capability", None)
+  if "nvidia" not in kind.lower() and cc is None:
+    return f"pallas_gpu needs an NVIDIA GPU, found {kind!r}"
+  try:
+    if cc is not None and float(cc) < 8.0:
+      return f"pallas_gpu needs compute capability >= 8.0 (A100 or newer), found {cc}"
+  except (TypeError, ValueError):
+    pass
+  return None
+
+
+def _precision(dtype):
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _mask(ks, ke, qp, qs, qe, k0, block_k):
+  """[bq, bk] visibility from the row intervals (ks, ke, qp: [bq]) and column ones (qs, qe: [bk])."""
+  kidx = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  return ((ks[:, None] <= kidx) & (kidx < ke[:, None]) & (qs[None, :] <= qp[:, None]) &
+          (qp[:, None] < qe[None, :]))
+
+
+# ----------------------------------------------------------------------------- forward kernel
+
+def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                *visits_ref, scale2: float, block_q: int, block_k: int, precision):
+  dp = q_ref.shape[-1]
+  q = q_ref[...]
+  ks, ke, qp = ks_ref[...], ke_ref[...], qp_ref[...]
+  n = sched_ref[0]
+
+  def body(jj, carry):
+    acc, m, l = carry
+    j = sched_ref[jj + 1]
+    k0 = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(k0, block_k), :]
+    v = v_ref[pl.ds(k0, block_k), :]
+    qs, qe = qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)]
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2  # log2 domain, fp32
+    s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - m_safe[:, None])  # masked entries: exp2(-inf) = 0
+    corr = jnp.exp2(m - m_safe)
+    l = l * corr + jnp.sum(p, axis=1)
+    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l
+
+  init = (jnp.zeros((block_q, dp), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, n, body, init)
+  empty = l == 0.0
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  # log2-sum-exp2; +inf for rows that see nothing, so the backward gives them p = 0.
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+  if visits_ref:  # debug output: key blocks this program processed (counted in the loop)
+    visits_ref[0][...] = lax.fori_loop(0, n, lambda _, c: c + 1, jnp.int32(0))
+
+
+# ----------------------------------------------------------------------------- backward kernels
+
+def _dq_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, scale: float, scale2: float, block_q: int, block_k: int, precision):
+  dp = q_ref.shape[-1]
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  ks, ke, qp = ks_ref[...], ke_ref[...], qp_ref[...]
+
+  def body(jj, dq):
+    j = sched_ref[jj + 1]
+    k0 = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(k0, block_k), :]
+    v = v_ref[pl.ds(k0, block_k), :]
+    qs, qe = qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)]
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
+    s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+    p = jnp.exp2(s - lse[:, None])
+    dpv = plgpu.dot(do, v, trans_b=True, precision=precision)
+    ds = p * (dpv - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
+
+  dq = lax.fori_loop(0, sched_ref[0], body, jnp.zeros((block_q, dp), jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, *, scale: float, scale2: float, block_q: int, block_k: int,
+                group: int, precision):
+  dp = k_ref.shape[-1]
+  k, v = k_ref[...], v_ref[...]
+  qs, qe = qs_ref[...], qe_ref[...]
+  k0 = pl.program_id(0) * block_k
+  n = sched_ref[0]
+
+  def head(g, carry):
+    def body(ii, carry):
+      dk, dv = carry
+      i = sched_ref[ii + 1]
+      q0 = pl.multiple_of(i * block_q, block_q)
+      q = q_ref[pl.ds(q0, block_q), g, :]
+      do = do_ref[pl.ds(q0, block_q), g, :]
+      lse = lse_ref[g, pl.ds(q0, block_q)]
+      delta = delta_ref[g, pl.ds(q0, block_q)]
+      ks, ke, qp = ks_ref[pl.ds(q0, block_q)], ke_ref[pl.ds(q0, block_q)], qp_ref[pl.ds(q0, block_q)]
+      s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
+      s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+      p = jnp.exp2(s - lse[:, None])  # [bq, bk]
+      dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+      dpv = plgpu.dot(do, v, trans_b=True, precision=precision)
+      ds = p * (dpv - delta[:, None])
+      dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+      return dk, dv
+
+    return lax.fori_loop(0, n, body, carry)
+
+  zeros = jnp.zeros((block_k, dp), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  b: int
+  t: int
+  s: int
+  hq: int
+  hkv: int
+  d: int
+  dp: int
+  tp: int
+  sp: int
+  bq: int
+  bk: int
+  bq_bwd: int
+  bk_bwd: int
+  num_warps: int
+  num_stages: int
+
+
+def _fit(block: int, n: int) -> int:
+  return max(_MIN_BLOCK, min(block, blocks.next_pow2(n)))
+
+
+def _plan(q, k, bs: BlockSizes) -> _Plan:
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  for name, x in (("block_q", bs.block_q), ("block_k", bs.block_k), ("block_q_bwd", bs.block_q_bwd),
+                  ("block_k_bwd", bs.block_k_bwd)):
+    if x != blocks.next_pow2(x):
+      raise ValueError(f"pallas_gpu: {name}={x} must be a power of two")
+  bq, bk = _fit(bs.block_q, t), _fit(bs.block_k, s)
+  bq_bwd, bk_bwd = _fit(bs.block_q_bwd, t), _fit(bs.block_k_bwd, s)
+  tp = blocks.cdiv(t, max(bq, bq_bwd)) * max(bq, bq_bwd)
+  sp = blocks.cdiv(s, max(bk, bk_bwd)) * max(bk, bk_bwd)
+  dp = max(_MIN_BLOCK, blocks.next_pow2(d))
+  nw = bs.num_warps if bs.num_warps is not None else (4 if dp <= 64 else 8)
+  return _Plan(b, t, s, hq, hkv, d, dp, tp, sp, bq, bk, bq_bwd, bk_bwd, nw, bs.num_stages)
+
+
+def _prepare(pl_: _Plan, q, k, v, ints):
+  qq = blocks.pad_last(blocks.pad_seq(q, pl_.tp), pl_.dp)
+  kk = blocks.pad_last(blocks.pad_seq(k, pl_.sp), pl_.dp)
+  vv = blocks.pad_last(blocks.pad_seq(v, pl_.sp), pl_.dp)
+  padded = blocks.pad_intervals(*ints, pl_.tp, pl_.sp)
+  return qq, kk, vv, padded
+
+
+def _forward(pl_: _Plan, q, k, v, ints, scale, interpret, debug_visits=False):
+  qq, kk, vv, P = _prepare(pl_, q, k, v, ints)
+  b, hq, g = pl_.b, pl_.hq, pl_.hq // pl_.hkv
+  nq, nk = pl_.tp // pl_.bq, pl_.sp // pl_.bk
+  width = blocks.next_pow2(nk + 1)
+  sched = blocks.compact(blocks.block_mask(P, pl_.bq, pl_.bk), width)
+  row = pl.BlockSpec((None, pl_.bq), lambda i, b_, h: (b_, i))
+  col = pl.BlockSpec((None, pl_.sp), lambda i, b_, h: (b_, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, width), lambda i, b_, h: (b_, i, 0)),
+      row, row, row, col, col,
+      pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda i, b_, h: (b_, i, h, 0)),
+      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda i, b_, h: (b_, 0, h // g, 0)),
+      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda i, b_, h: (b_, 0, h // g, 0)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(qq.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, pl_.tp), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda i, b_, h: (b_, i, h, 0)),
+               pl.BlockSpec((None, None, pl_.bq), lambda i, b_, h: (b_, h, i))]
+  if debug_visits:
+    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq), jnp.int32))
+    out_specs.append(pl.BlockSpec((None, None, None), lambda i, b_, h: (b_, h, i)))
+  kernel = functools.partial(_fwd_kernel, scale2=scale * _LOG2E, block_q=pl_.bq, block_k=pl_.bk,
+                             precision=_precision(q.dtype))
+  outs = pl.pallas_call(
+      kernel, grid=(nq, b, hq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=pl_.num_warps, num_stages=pl_.num_stages),
+      interpret=interpret, name="bagel_interval_attention_fwd",
+  )(sched, P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end, qq, kk, vv)
+  return outs
+
+
+def _backward(pl_: _Plan, q, k, v, ints, o_p, lse, do, scale, interpret):
+  qq, kk, vv, P = _prepare(pl_, q, k, v, ints)
+  b, hq, hkv, g = pl_.b, pl_.hq, pl_.hkv, pl_.hq // pl_.hkv
+  bq, bk, tp, sp, dp = pl_.bq_bwd, pl_.bk_bwd, pl_.tp, pl_.sp, pl_.dp
+  nq, nk = tp // bq, sp // bk
+  dop = blocks.pad_last(blocks.pad_seq(do, tp), dp)
+  # delta = rowsum(dO * O): O(T) memory, done by XLA.
+  delta = jnp.einsum("bthd,bthd->bht", dop.astype(jnp.float32), o_p.astype(jnp.float32))
+  mask = blocks.block_mask(P, bq, bk)
+  precision = _precision(q.dtype)
+  params = plgpu.CompilerParams(num_warps=pl_.num_warps, num_stages=pl_.num_stages)
+
+  width_q = blocks.next_pow2(nk + 1)
+  row = pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i))
+  col = pl.BlockSpec((None, sp), lambda i, b_, h: (b_, 0))
+  qblk = pl.BlockSpec((None, bq, None, dp), lambda i, b_, h: (b_, i, h, 0))
+  kfull = pl.BlockSpec((None, sp, None, dp), lambda i, b_, h: (b_, 0, h // g, 0))
+  stat = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, scale2=scale * _LOG2E, block_q=bq, block_k=bk,
+                        precision=precision),
+      grid=(nq, b, hq),
+      in_specs=[pl.BlockSpec((None, None, width_q), lambda i, b_, h: (b_, i, 0)), row, row, row, col, col,
+                qblk, kfull, kfull, qblk, stat, stat],
+      out_specs=qblk, out_shape=jax.ShapeDtypeStruct(qq.shape, q.dtype), compiler_params=params,
+      interpret=interpret, name="bagel_interval_attention_dq",
+  )(blocks.compact(mask, width_q), P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end, qq, kk, vv, dop, lse,
+    delta)
+
+  width_k = blocks.next_pow2(nq + 1)
+  rowf = pl.BlockSpec((None, tp), lambda j, b_, h: (b_, 0))
+  colb = pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j))
+  qgrp = pl.BlockSpec((None, tp, None, g, dp), lambda j, b_, h: (b_, 0, h, 0, 0))
+  kblk = pl.BlockSpec((None, bk, None, dp), lambda j, b_, h: (b_, j, h, 0))
+  statg = pl.BlockSpec((None, None, g, tp), lambda j, b_, h: (b_, h, 0, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, scale2=scale * _LOG2E, block_q=bq, block_k=bk, group=g,
+                        precision=precision),
+      grid=(nk, b, hkv),
+      in_specs=[pl.BlockSpec((None, None, width_k), lambda j, b_, h: (b_, j, 0)), rowf, rowf, rowf, colb, colb,
+                qgrp, kblk, kblk, qgrp, statg, statg],
+      out_specs=[kblk, kblk],
+      out_shape=[jax.ShapeDtypeStruct(kk.shape, k.dtype), jax.ShapeDtypeStruct(vv.shape, v.dtype)],
+      compiler_params=params, interpret=interpret, name="bagel_interval_attention_dkv",
+  )(blocks.compact(jnp.swapaxes(mask, 1, 2), width_k), P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end,
+    qq.reshape(b, tp, hkv, g, dp), kk, vv, dop.reshape(b, tp, hkv, g, dp), lse.reshape(b, hkv, g, tp),
+    delta.reshape(b, hkv, g, tp))
+  t, s, d = pl_.t, pl_.s, pl_.d
+  return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _attention(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale, bs, interpret):
+  return _attention_fwd(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale, bs, interpret)[0]
+
+
+def _attention_fwd(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale, bs, interpret):
+  pl_ = _plan(q, k, bs)
+  ints = (k_start, k_end, q_start, q_end, q_positions)
+  o_p, lse = _forward(pl_, q, k, v, ints, scale, interpret)
+  return o_p[:, :pl_.t, :, :pl_.d], (q, k, v, ints, o_p, lse)
+
+
+def _attention_bwd(scale, bs, interpret, res, do):
+  q, k, v, ints, o_p, lse = res
+  dq, dk, dv = _backward(_plan(q, k, bs), q, k, v, ints, o_p, lse, do, scale, interpret)
+  return (dq, dk, dv) + (None,) * 5
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, interpret):
+  if not interpret:
+    reason = unavailable_reason()
+    if reason:
+      raise BackendUnavailable(reason + " (pass interpret=True, or set pallas_gpu.INTERPRET, to run on CPU)")
+  for x in (q, k, v):
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      raise TypeError(f"pallas_gpu: unsupported dtype {x.dtype}")
+
+
+def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
+              block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+  """Interval-mask attention (see `bagel_jax.attention.api`), differentiable wrt q, k, v."""
+  interpret = INTERPRET if interpret is None else bool(interpret)
+  _check(q, k, v, interpret)
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
+  return _attention(q, k, v, k_start, k_end, q_start, q_end, q_positions, float(scale),
+                    block_sizes or BlockSizes(), interpret)
+
+
+def visit_counts(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
+                 block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+  """int32 [B, Hq, nq]: key blocks the forward kernel processed per query block (counted in-kernel)."""
+  interpret = INTERPRET if interpret is None else bool(interpret)
+  _check(q, k, v, interpret)
+  pl_ = _plan(q, k, block_sizes or BlockSizes())
+  outs = _forward(pl_, q, k, v, (k_start, k_end, q_start, q_end, q_positions), float(scale), interpret,
+                  debug_visits=True)
+  return outs[2]
