@@ -226,16 +226,26 @@ def flash_xla_attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=Non
     o = jnp.einsum("bkgtd->btkgd", out).reshape(b, t, hq, d).astype(q.dtype)
     return o, lse
 
+  # The interval arrays are loop-invariant across the decoder's layer scan and do not depend on
+  # anything differentiated, so JAX's scan partial evaluation would hoist every chunk's mask out
+  # of the layer loop as one [chunks, B, Hkv, G, T, chunk] boolean (T^2 x Hq bytes). Tying them
+  # to q / do with an optimization barrier keeps the mask inside the chunk loop.
+  def tie(ints, x):
+    return jax.lax.optimization_barrier((ints, x))[0]
+
   @jax.custom_vjp
   def attn(q, k, v, ks, ke, qs, qe, qpos):
+    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), q)
     return fwd(q, k, v, (ks, ke, qpos), qs, qe)[0]
 
   def attn_fwd(q, k, v, ks, ke, qs, qe, qpos):
+    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), q)
     o, lse = fwd(q, k, v, (ks, ke, qpos), qs, qe)
     return o, (q, k, v, o, lse, ks, ke, qs, qe, qpos)
 
   def attn_bwd(res, do):
     q, k, v, o, lse, ks, ke, qs, qe, qpos = res
+    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), do)
     qg = q.reshape(b, t, hkv, g, d)
     dog = do.reshape(b, t, hkv, g, d)
     delta = jnp.einsum("btkgd,btkgd->bkgt", dog.astype(jnp.float32), o.reshape(b, t, hkv, g, d).astype(jnp.float32))

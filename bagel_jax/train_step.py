@@ -11,7 +11,8 @@ One step:
    cuts the layout's latent tokens out of them;
 3. draws one raw timestep u ~ N(0, 1) per VAE image, t = shift(sigmoid(u)) for generation
    targets and t = 0 for clean (conditioning) images, and noise eps ~ N(0, I) per latent token;
-4. loss = ce_weight * CE + mse_weight * MSE (`BagelModel.loss`, upstream's normalisation),
+4. loss = ce_weight * CE + mse_weight * MSE (`BagelModel.loss`, upstream's normalisation) with
+   the params cast to the compute dtype (`StepConfig.cast_params`),
    gradients with respect to the trainable "bagel" tree; frozen leaves (`StepConfig.frozen`,
    by default the two fixed sin-cos tables) get zero gradient and are never changed;
 5. if the loss or the gradient norm is not finite the update is skipped (params, optimizer state
@@ -75,6 +76,10 @@ class StepConfig:
   # Regexes matched (re.search) against "/"-joined parameter paths of the bagel tree, e.g.
   # "^llm/" for upstream's freeze_llm or "^(vit|connector)/" for freeze_vit.
   frozen: tuple[str, ...] = FROZEN_TABLES
+  # Cast the (fp32 master) params to the model's compute dtype before the forward, as upstream's
+  # FSDP MixedPrecision(param_dtype=bf16): FSDP all-gathers move half the bytes; gradients flow
+  # back through the cast in the master dtype. A no-op when model.dtype is the params' dtype.
+  cast_params: bool = True
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -130,6 +135,20 @@ def flow_batch(model: BagelModel, hp: StepConfig, vae_params: PyTree, batch: Tra
   return Batch(layout=lay, vit_patches=batch.vit_patches, vae_latents=x0, noise=noise, timesteps=t_tok)
 
 
+def compute_cast(params: PyTree, dtype) -> PyTree:
+  """Floating leaves wider than `dtype` cast to it (others unchanged)."""
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return params
+
+  def one(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits:
+      return x.astype(dtype)
+    return x
+
+  return jax.tree.map(one, params)
+
+
 def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -142,6 +161,8 @@ def train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConf
   mb = flow_batch(model, hp, vae_params, batch, step_rng)
 
   def loss_fn(params):
+    if hp.cast_params:
+      params = compute_cast(params, model.dtype)
     return model.loss({"bagel": params, "vae": vae_params}, mb, hp.ce_weight, hp.mse_weight)
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -241,4 +262,4 @@ def jit_init_train_state(tx: optax.GradientTransformation, mesh: jax.sharding.Me
 
 
 __all__ = ["TrainBatch", "TrainState", "StepConfig", "FROZEN_TABLES", "init_train_state", "train_step",
-           "flow_batch", "frozen_mask", "jit_train_step", "jit_init_train_state", "MeshBound", "path_str"]
+           "flow_batch", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state", "MeshBound", "path_str"]

@@ -118,13 +118,18 @@ def _plan(src: pathlib.Path, cfg, dtype, allow_extra: bool):
     leaf_dtype = np_dtype(dtype) if dtype is not None else np_dtype(group[0][2].dtype)
     pieces = []
     for r, reader, ent in sorted(group, key=lambda g: g[0].index):
-      def load(r=r, reader=reader, ent=ent, leaf_dtype=leaf_dtype):
-        if r.kind == W.LINEAR and len(ent.shape) == 2:
-          x = reader.read(ent.key, transpose=True)  # == W.to_ours(LINEAR, .), blocked, one copy
-        else:
-          x = W.to_ours(r.kind, reader.read(ent.key))
+      # A torch Linear weight [out, in] goes as read through a transposed view of its
+      # [in, out] slot (TensorStore transposes chunk by chunk): the same bytes as
+      # W.to_ours(LINEAR, x), without a transposed copy on the host.
+      via_view = r.kind == W.LINEAR and len(ent.shape) == 2
+
+      def load(r=r, reader=reader, ent=ent, leaf_dtype=leaf_dtype, via_view=via_view):
+        x = reader.read(ent.key)
+        if not via_view:
+          x = W.to_ours(r.kind, x)
         return x if x.dtype == leaf_dtype else x.astype(leaf_dtype)
-      pieces.append(Piece(r.index, int(np.prod(shape[stack:])) * leaf_dtype.itemsize, load, r.upstream))
+      pieces.append(Piece(r.index, int(np.prod(shape[stack:])) * leaf_dtype.itemsize, load, r.upstream,
+                          transpose=via_view))
       n_bytes += ent.nbytes
     try:
       leaf = StreamedArray(shape, leaf_dtype, pieces, stack)

@@ -176,26 +176,40 @@ def test_float32_storage_round_trip(tmp_path):
   assert assert_same_tensors(FIXTURE_DIR, back) > 0
 
 
-def test_blocked_transposes_match_the_table(tmp_path):
+def test_blocked_transposed_write_matches_the_table(tmp_path):
   rng = np.random.default_rng(0)
   xs = {"a": rng.standard_normal((37, 23)).astype(np.float32),
         "b": rng.standard_normal((5, 300)).astype(jnp.bfloat16)}
-  w = SafetensorsWriter(tmp_path / "t.safetensors", [(k, v.shape, "F32" if v.dtype == np.float32 else "BF16")
-                                                     for k, v in xs.items()])
-  for k, v in xs.items():
-    w.write(k, v)
-  w.close()
-  f = SafetensorsFile(tmp_path / "t.safetensors")
-  for k, v in xs.items():
-    for block in (1, 64, 1 << 20):
-      t = f.read(k, transpose=True, block_bytes=block)
-      assert t.flags.c_contiguous and t.tobytes() == W.to_ours(W.LINEAR, v).tobytes()
-  w = SafetensorsWriter(tmp_path / "u.safetensors", [(k, v.shape, "F32" if v.dtype == np.float32 else "BF16")
-                                                     for k, v in xs.items()])
-  for k, v in xs.items():
-    w.write_transposed(k, W.to_ours(W.LINEAR, v), block_bytes=64)
-  w.close()
-  assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "u.safetensors").read_bytes()
+  entries = [(k, v.shape, "F32" if v.dtype == np.float32 else "BF16") for k, v in xs.items()]
+  for block in (1, 64, 1 << 20):
+    w = SafetensorsWriter(tmp_path / f"t{block}.safetensors", entries)
+    for k, v in xs.items():
+      w.write_transposed(k, W.to_ours(W.LINEAR, v), block_bytes=block)
+    w.close()
+    got = read_safetensors(tmp_path / f"t{block}.safetensors")
+    for k, v in xs.items():
+      assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes()
+
+
+def test_state_is_a_plain_orbax_checkpoint(tiny_orbax):
+  """Orbax's own restores read it: V0 StandardCheckpointer and V1 `load`, into shardings."""
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import v1 as ocp1
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  ref = load_checkpoint(tiny_orbax)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), ref)
+  for got in (ocp.StandardCheckpointer().restore(tiny_orbax / STATE_DIR, abstract),
+              ocp1.load(tiny_orbax / STATE_DIR, abstract)):
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      assert b.sharding == NamedSharding(mesh, P())
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_checkpoint_is_exported():
+  import bagel_jax
+  assert bagel_jax.load_checkpoint is load_checkpoint
 
 
 def test_cli_prints_a_summary_line(tmp_path, capsys):

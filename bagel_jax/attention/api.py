@@ -6,10 +6,19 @@ q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq % Hkv == 0 (GQA by head count, K/
 never repeated); k_start, k_end: [B, T] int32; q_start, q_end: [B, S] int32;
 q_positions: [B, T] int32 absolute query positions (default arange(T)).
 Rows with nothing visible return zeros.
+
+Backends: `reference` (dense XLA, the oracle), `xla_chunked` (online softmax over key chunks),
+`pallas_gpu` (Triton), `pallas_tpu` (Mosaic), `cudnn` (dense mask, a baseline), `decode` (XLA,
+a short query chunk against a long KV cache; forward only).  `impl="auto"` picks the fastest one
+that can run here (`choose_impl`) and logs the choice at debug level; a backend named explicitly
+that cannot run raises `BackendUnavailable` with the reason (no silent fallback).  The Pallas
+backends run on CPU in interpret mode: set `pallas_gpu.INTERPRET` / `pallas_tpu.INTERPRET`, or
+call their `attention(..., interpret=True)` directly.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -19,7 +28,7 @@ from bagel_jax.attention import reference
 
 Backend = Callable[..., jax.Array]
 
-IMPLS = ("auto", "reference", "xla_chunked", "pallas_gpu", "pallas_tpu", "cudnn")
+IMPLS = ("auto", "reference", "xla_chunked", "pallas_gpu", "pallas_tpu", "cudnn", "decode")
 
 _log = logging.getLogger(__name__)
 
@@ -51,23 +60,36 @@ def _load(impl: str) -> Backend:
     except ImportError as e:
       raise BackendUnavailable(f"attention impl 'cudnn' is not available: {e}") from None
     return cudnn.attention
+  if impl == "decode":
+    from bagel_jax.attention import decode
+    return decode.attention
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
+@functools.lru_cache(maxsize=None)
+def _why_not(impl: str) -> str | None:
+  """None if `impl` can run on the default devices, else the reason."""
+  try:
+    _load(impl)
+    module = __import__(f"bagel_jax.attention.{impl}", fromlist=["unavailable_reason"])
+  except (BackendUnavailable, ImportError) as e:
+    return str(e)
+  return module.unavailable_reason()
+
+
 def choose_impl(platform: str, t: int, s: int) -> str:
-  """The backend `impl='auto'` uses for this platform and shape."""
-  if platform == "gpu":
-    try:
-      _load("pallas_gpu")
-      return "pallas_gpu"
-    except BackendUnavailable:
-      pass
-  if platform == "tpu":
-    try:
-      _load("pallas_tpu")
-      return "pallas_tpu"
-    except BackendUnavailable:
-      pass
+  """The backend `impl='auto'` uses for this platform and shape.
+
+  GPU: the Pallas Triton kernel (compute capability >= 8.0); TPU: the Pallas Mosaic kernel;
+  otherwise (CPU, or a GPU the kernel does not support) dense XLA for small problems and the
+  chunked XLA backend beyond 2^20 logits per head.
+  """
+  for plat, impl in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")):
+    if platform == plat:
+      reason = _why_not(impl)
+      if reason is None:
+        return impl
+      _log.debug("attention impl=auto: %s cannot run: %s", impl, reason)
   return "reference" if t * s <= 1 << 20 else "xla_chunked"
 
 

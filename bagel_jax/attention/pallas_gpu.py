@@ -82,11 +82,17 @@ def _mask(ks, ke, qp, qs, qe, k0, block_k):
 # ----------------------------------------------------------------------------- forward kernel
 
 def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                *visits_ref, scale2: float, block_q: int, block_k: int, precision):
+                *visits_ref, scale2: float, block_q: int, block_k: int, num_splits: int, precision):
   dp = q_ref.shape[-1]
   q = q_ref[...]
   ks, ke, qp = ks_ref[...], ke_ref[...], qp_ref[...]
   n = sched_ref[0]
+  if num_splits == 1:
+    lo, hi = 0, n
+  else:  # split-K (decode): this program takes one contiguous share of the visit list
+    per = (n + num_splits - 1) // num_splits
+    lo = (pl.program_id(0) % num_splits) * per
+    hi = jnp.minimum(n, lo + per)
 
   def body(jj, carry):
     acc, m, l = carry
@@ -107,13 +113,13 @@ def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
 
   init = (jnp.zeros((block_q, dp), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, n, body, init)
+  acc, m, l = lax.fori_loop(lo, hi, body, init)
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
   # log2-sum-exp2; +inf for rows that see nothing, so the backward gives them p = 0.
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
   if visits_ref:  # debug output: key blocks this program processed (counted in the loop)
-    visits_ref[0][...] = lax.fori_loop(0, n, lambda _, c: c + 1, jnp.int32(0))
+    visits_ref[0][...] = lax.fori_loop(lo, hi, lambda _, c: c + 1, jnp.int32(0))
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -227,35 +233,42 @@ def _prepare(pl_: _Plan, q, k, v, ints):
   return qq, kk, vv, padded
 
 
-def _forward(pl_: _Plan, q, k, v, ints, scale, interpret, debug_visits=False):
+def _forward(pl_: _Plan, q, k, v, ints, scale, interpret, debug_visits=False, num_splits=1):
+  """Returns (o [B, Tp, Hq, Dp], lse2 [B, Hq, Tp]) or, with num_splits > 1, per-split partial
+  results (o [n, B, Tp, Hq, Dp] fp32, lse2 [n, B, Hq, Tp]); plus visits if asked."""
   qq, kk, vv, P = _prepare(pl_, q, k, v, ints)
-  b, hq, g = pl_.b, pl_.hq, pl_.hq // pl_.hkv
+  b, hq, g, ns = pl_.b, pl_.hq, pl_.hq // pl_.hkv, num_splits
   nq, nk = pl_.tp // pl_.bq, pl_.sp // pl_.bk
   width = blocks.next_pow2(nk + 1)
   sched = blocks.compact(blocks.block_mask(P, pl_.bq, pl_.bk), width)
-  row = pl.BlockSpec((None, pl_.bq), lambda i, b_, h: (b_, i))
-  col = pl.BlockSpec((None, pl_.sp), lambda i, b_, h: (b_, 0))
+  row = pl.BlockSpec((None, pl_.bq), lambda p, b_, h: (b_, p // ns))
+  col = pl.BlockSpec((None, pl_.sp), lambda p, b_, h: (b_, 0))
   in_specs = [
-      pl.BlockSpec((None, None, width), lambda i, b_, h: (b_, i, 0)),
+      pl.BlockSpec((None, None, width), lambda p, b_, h: (b_, p // ns, 0)),
       row, row, row, col, col,
-      pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda i, b_, h: (b_, i, h, 0)),
-      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda i, b_, h: (b_, 0, h // g, 0)),
-      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda i, b_, h: (b_, 0, h // g, 0)),
+      pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda p, b_, h: (b_, p // ns, h, 0)),
+      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda p, b_, h: (b_, 0, h // g, 0)),
+      pl.BlockSpec((None, pl_.sp, None, pl_.dp), lambda p, b_, h: (b_, 0, h // g, 0)),
   ]
-  out_shape = [jax.ShapeDtypeStruct(qq.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, pl_.tp), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda i, b_, h: (b_, i, h, 0)),
-               pl.BlockSpec((None, None, pl_.bq), lambda i, b_, h: (b_, h, i))]
+  if ns == 1:
+    out_shape = [jax.ShapeDtypeStruct(qq.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, pl_.tp), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, pl_.bq, None, pl_.dp), lambda p, b_, h: (b_, p, h, 0)),
+                 pl.BlockSpec((None, None, pl_.bq), lambda p, b_, h: (b_, h, p))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((ns,) + qq.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((ns, b, hq, pl_.tp), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, pl_.bq, None, pl_.dp), lambda p, b_, h: (p % ns, b_, p // ns, h, 0)),
+                 pl.BlockSpec((None, None, None, pl_.bq), lambda p, b_, h: (p % ns, b_, h, p // ns))]
   if debug_visits:
-    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq), jnp.int32))
-    out_specs.append(pl.BlockSpec((None, None, None), lambda i, b_, h: (b_, h, i)))
+    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq * ns), jnp.int32))
+    out_specs.append(pl.BlockSpec((None, None, None), lambda p, b_, h: (b_, h, p)))
   kernel = functools.partial(_fwd_kernel, scale2=scale * _LOG2E, block_q=pl_.bq, block_k=pl_.bk,
-                             precision=_precision(q.dtype))
-  outs = pl.pallas_call(
-      kernel, grid=(nq, b, hq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                             num_splits=ns, precision=_precision(q.dtype))
+  return pl.pallas_call(
+      kernel, grid=(nq * ns, b, hq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=pl_.num_warps, num_stages=pl_.num_stages),
       interpret=interpret, name="bagel_interval_attention_fwd",
   )(sched, P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end, qq, kk, vv)
-  return outs
 
 
 def _backward(pl_: _Plan, q, k, v, ints, o_p, lse, do, scale, interpret):
@@ -360,3 +373,26 @@ def visit_counts(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, s
   outs = _forward(pl_, q, k, v, (k_start, k_end, q_start, q_end, q_positions), float(scale), interpret,
                   debug_visits=True)
   return outs[2]
+
+
+def forward_split_k(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
+                    num_splits: int = 8, block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+  """Forward only, flash-decoding style: each query block's visit list is cut into `num_splits`
+  shares run by separate programs, and the partial softmaxes are merged here.  For a short query
+  chunk against a long cache, where (query blocks x batch x heads) alone leaves the GPU idle."""
+  interpret = INTERPRET if interpret is None else bool(interpret)
+  _check(q, k, v, interpret)
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
+  pl_ = _plan(q, k, block_sizes or BlockSizes())
+  o, lse = _forward(pl_, q, k, v, (k_start, k_end, q_start, q_end, q_positions), float(scale), interpret,
+                    num_splits=num_splits)
+  lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # empty share: weight 0
+  top = jnp.max(lse, axis=0)
+  top = jnp.where(top == -jnp.inf, 0.0, top)
+  w = jnp.exp2(lse - top[None])  # [n, B, Hq, Tp]
+  den = jnp.sum(w, axis=0)
+  w = w / jnp.where(den == 0, 1.0, den)[None]
+  out = jnp.einsum("nbht,nbthd->bthd", w, o)
+  return out[:, :pl_.t, :, :pl_.d].astype(q.dtype)

@@ -287,8 +287,10 @@ class Inferencer:
       if isinstance(item, (str, kc.TextSegment)) or (isinstance(item, (list, tuple)) and
                                                     all(isinstance(i, (int, np.integer)) for i in item)):
         seg = item if isinstance(item, kc.TextSegment) else self._encode_text(item)
-        cfg_text = list(gen)
+        cfg_text = list(gen)  # cfg_text: everything before the LAST text
         gen.append(seg)
+        # Quirk: cfg_img gets every text but no image, so for text-to-image it equals gen and an
+        # image scale > 1 only rescales the text guidance (effective scale 1 + s_i (s_t - 1)).
         cfg_img.append(seg)
         continue
       img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
@@ -302,16 +304,26 @@ class Inferencer:
       if img.vit is None:
         raise InferenceError("an image input needs its ViT tensor")
       gen.append(self._vit_segment(img))
-      cfg_text = list(gen)
+      cfg_text = list(gen)  # upstream: `cfg_text_context = deepcopy(gen_context)` after every image
     return _Request({"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}, shape)
 
   def _prefill(self, reqs: list[_Request], names: Sequence[str], extra: int):
     """One batched prefill of every distinct context; returns (cache, {(i, name): (row, length, rope)})."""
     rows, where = assign_rows([r.contexts for r in reqs], names)
-    chunk = kc.build_chunk(rows, [0] * len(rows), self.cfg)
-    capacity = kc.bucket(max(kc.context_length(r) for r in rows) + extra)
-    cache = kc.prefill(self.model, self.params, jax.tree.map(jnp.asarray, chunk), capacity,
-                       cache_dtype=self.cache_dtype)
+    lengths = [kc.context_length(r) for r in rows]
+    capacity = kc.bucket(max(lengths) + extra)
+    # Rows of very different lengths (an edit's gen context next to its text-only cfg_img) are
+    # prefilled in separate calls, one per length bucket, so short rows are not padded to long ones.
+    groups: dict[int, list[int]] = {}
+    for r, n in enumerate(lengths):
+      groups.setdefault(kc.bucket(n), []).append(r)
+    caches, order = [], []
+    for _, idx in sorted(groups.items()):
+      chunk = kc.build_chunk([rows[i] for i in idx], [0] * len(idx), self.cfg)
+      caches.append(kc.prefill(self.model, self.params, jax.tree.map(jnp.asarray, chunk), capacity,
+                               cache_dtype=self.cache_dtype))
+      order += idx
+    cache = caches[0] if len(caches) == 1 else kc.concat_rows(caches, np.argsort(order))
     return cache, where
 
   def _generate_text(self, cache: kc.KVCache, rows, lengths, ropes, max_length: int, do_sample: bool,

@@ -99,6 +99,18 @@ def take_rows(cache: KVCache, rows: jax.Array, lengths: jax.Array, next_rope: ja
   return KVCache(k, v, lengths.astype(jnp.int32), next_rope.astype(jnp.int32))
 
 
+@jax.jit
+def _concat(caches: list[KVCache], perm: jax.Array) -> KVCache:
+  cat = lambda xs, axis: jnp.take(jnp.concatenate(xs, axis=axis), perm, axis=axis)
+  return KVCache(cat([c.k for c in caches], 1), cat([c.v for c in caches], 1),
+                 cat([c.lengths for c in caches], 0), cat([c.next_rope for c in caches], 0))
+
+
+def concat_rows(caches: Sequence[KVCache], perm) -> KVCache:
+  """Caches of equal capacity stacked along the batch axis, rows then reordered by `perm`."""
+  return _concat(list(caches), jnp.asarray(perm, jnp.int32))
+
+
 def write_kv(cache_arr: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
   """cache_arr [L, B, S, ...] with new [L, B, T, ...] written at slots [B, T] (slot >= S: dropped)."""
   return jax.vmap(lambda c, x, p: c.at[:, p].set(x.astype(c.dtype), mode="drop"),
@@ -381,5 +393,5 @@ def check_capacity(lengths: Sequence[int], extra: int, capacity: int) -> None:
 
 
 __all__ = ["KVCache", "Chunk", "TextSegment", "VitSegment", "VaeSegment", "Segment", "bucket", "empty_cache",
-           "take_rows", "write_kv", "build_chunk", "chunk_spec", "embed_chunk", "prefill", "extend",
+           "take_rows", "concat_rows", "write_kv", "build_chunk", "chunk_spec", "embed_chunk", "prefill", "extend",
            "context_length", "context_rope", "check_capacity", "cache_key_intervals"]
