@@ -217,6 +217,23 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
   return {k: f.read(k) for k in f.entries}
 
 
+def release_freed_buffers() -> None:
+  """Makes glibc return freed buffers of 1 MB and more to the OS at once (Linux only).
+
+  By default glibc raises its mmap threshold to the largest buffer freed so far (up to 32
+  MB), after which such buffers come from per-thread heaps that keep freed memory; with
+  the many tensor-sized buffers of a conversion (ours and TensorStore's, from several
+  threads) that retention measured ~0.6 GB of extra peak RSS on a 6 GB checkpoint.  A
+  fixed 1 MB threshold keeps the resident set at what is in use.  Process-wide; harmless.
+  """
+  import ctypes
+  import sys
+  if not sys.platform.startswith("linux"):
+    return
+  with contextlib.suppress(Exception):
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 # ----------------------------------------------------------------------------- Orbax, streamed
 @dataclasses.dataclass(frozen=True)
 class Piece:
@@ -232,6 +249,12 @@ class Piece:
   load: Callable[[], np.ndarray]
   name: str = ""
   transpose: bool = False
+
+  @property
+  def host_bytes(self) -> int:
+    """Host memory while it is written: the loaded array, plus TensorStore's chunk copies
+    when it goes through a transposed view (a contiguous slice is written in place)."""
+    return self.nbytes * (2 if self.transpose else 1)
 
 
 class StreamedArray:
@@ -287,9 +310,9 @@ def _streamed_handler_cls():
 
     The on-disk format is the numpy handler's (typestr 'np.ndarray'), chunked so that
     every piece is a whole number of chunks of at most `chunk_bytes`; restores use the
-    standard handlers.  A piece is loaded only once the pieces still being written and
-    twice the new one fit in `max_inflight_bytes` (default: the largest piece, or 256 MB),
-    so host memory holds about two of the largest pieces at most.
+    standard handlers.  A piece is loaded only once its host memory (`Piece.host_bytes`)
+    and that of the pieces still being written fit in `max_inflight_bytes` (default: the
+    largest piece's, at least 256 MB): host memory stays at about 2x the largest tensor.
     """
 
     def __init__(self, *, chunk_bytes: int, max_inflight_bytes: int, on_piece=None):
@@ -304,10 +327,10 @@ def _streamed_handler_cls():
       inflight: collections.deque = collections.deque()
 
       async def drain(limit):
-        while inflight and sum(n for _, n, _ in inflight) > limit:
+        while inflight and sum(c for _, _, c, _ in inflight) > limit:
           if self.cancel.is_set():
             raise Cancelled(_CANCELLED_MSG)
-          fut, n, name = inflight[0]
+          fut, n, _, name = inflight[0]
           await fut
           inflight.popleft()
           if self.on_piece is not None:
@@ -327,23 +350,24 @@ def _streamed_handler_cls():
           for p in v.pieces:
             if self.cancel.is_set():
               raise Cancelled(_CANCELLED_MSG)
-            await drain(max(self.max_inflight_bytes - 2 * p.nbytes, 0))
+            await drain(max(self.max_inflight_bytes - p.host_bytes, 0))
             x = p.load()
             view = t[tuple(p.index) + (Ellipsis,)]
             if p.transpose:
               view = view.T
             if x.shape != tuple(view.shape) or x.dtype != v.dtype:
               raise ValueError(f"{p.name}: piece is {x.dtype}{list(x.shape)}, expected {v.dtype}{list(view.shape)}")
-            inflight.append((view.write(x, can_reference_source_data_indefinitely=True), p.nbytes, p.name))
+            inflight.append((view.write(x, can_reference_source_data_indefinitely=True), p.nbytes, p.host_bytes,
+                             p.name))
             del x, view
         await drain(0)
       except BaseException:
         # Stop and wait for the writes still in flight, so nothing writes into the folder
         # after the caller has removed it.
-        for fut, _, _ in inflight:
+        for fut, *_ in inflight:
           with contextlib.suppress(Exception):
             fut.cancel()
-        for fut, _, _ in inflight:
+        for fut, *_ in inflight:
           with contextlib.suppress(BaseException):
             await fut
         raise
@@ -369,7 +393,7 @@ def save_streamed(path, tree, *, chunk_bytes: int = 32 << 20, max_inflight_bytes
   from orbax.checkpoint import type_handlers as th
 
   leaves = [x for x in _leaves(tree)]
-  biggest = max((p.nbytes for v in leaves for p in v.pieces), default=0)
+  biggest = max((p.host_bytes for v in leaves for p in v.pieces), default=0)
   if max_inflight_bytes is None:
     max_inflight_bytes = max(biggest, 256 << 20)
   handler = _streamed_handler_cls()(chunk_bytes=chunk_bytes, max_inflight_bytes=max_inflight_bytes,

@@ -628,7 +628,62 @@ def main(argv=None) -> None:
     if "eval" in result:
       print(json.dumps(result["eval"], indent=1))
 
-  app.run(_main, argv=argv)
+  def parse(args):
+    try:
+      check_overrides(args)
+    except TrainConfigError as e:
+      print(f"bagel_jax.train: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      print(f"bagel_jax.train: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+      print(f"bagel_jax.train: error: bad config override: {str(e).splitlines()[0]}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(_main, argv=argv, flags_parser=parse)
+
+
+def _config_file(args) -> str | None:
+  for i, a in enumerate(args):
+    if a == "--config" and i + 1 < len(args):
+      return args[i + 1]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+  return None
+
+
+def check_overrides(args) -> None:
+  """Refuses `--config.a.b=v` keys the config does not have, naming the closest existing key."""
+  import difflib
+  import importlib.util
+
+  path = _config_file(args)
+  if path is None:
+    return
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise TrainConfigError(f"config file {file} not found")
+  spec = importlib.util.spec_from_file_location("_bagel_config", file)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config(arg) if arg else mod.get_config()
+  for a in args:
+    if not a.startswith("--config."):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    node, walked = cfg, []
+    for part in key.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        near = difflib.get_close_matches(part, keys, n=1)
+        where = ".".join(walked) or "the config"
+        hint = f"; did you mean {'.'.join(walked + [near[0]])}?" if near else f" (it has: {', '.join(sorted(keys))})"
+        raise TrainConfigError(f"unknown config key {key!r}: {where} has no {part!r}{hint}")
+      node = node[part]
+      walked.append(part)
 
 
 def _refused():

@@ -25,7 +25,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
   """Streams an Orbax checkpoint folder (from `convert.safetensors_to_orbax`) to safetensors."""
   from bagel_jax import weights as W
   from bagel_jax.checkpoint import (STATE_DIR, ST_DTYPES, AtomicDir, OrbaxState, SafetensorsWriter,
-                                    check_destination, side_files)
+                                    check_destination, release_freed_buffers, side_files)
   from bagel_jax.config import load_config
 
   t0 = time.perf_counter()
@@ -35,6 +35,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
     raise W.CheckpointError(f"{dst}: the destination must not be the source folder or contain it")
   if not src.is_dir():
     raise W.CheckpointError(f"{src}: checkpoint folder not found")
+  release_freed_buffers()
   cfg = load_config(src)
   state = OrbaxState(src / STATE_DIR)
   table = W.rules(cfg)

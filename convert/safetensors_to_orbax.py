@@ -149,7 +149,7 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
   after each tensor is written (from the writer thread).
   """
   from bagel_jax.checkpoint import CONVERSION_FILE, FORMAT, STATE_DIR, AtomicDir, check_destination, save_streamed
-  from bagel_jax.checkpoint import side_files
+  from bagel_jax.checkpoint import release_freed_buffers, side_files
   from bagel_jax.config import load_config
   from bagel_jax.weights import CheckpointError
 
@@ -162,6 +162,7 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
     raise CheckpointError(f"{dst}: the destination must not be the source folder or contain it")
   if not src.is_dir():
     raise CheckpointError(f"{src}: checkpoint folder not found")
+  release_freed_buffers()
   cfg = load_config(src)
   tree, n_tensors, n_bytes = _plan(src, cfg, dtype, allow_extra)
 
