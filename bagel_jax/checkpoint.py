@@ -345,6 +345,8 @@ def _streamed_handler_cls():
         return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
 
       try:
+        if self.cancel.is_set():  # after idle.clear(): a cancel from now on waits for us
+          raise Cancelled(_CANCELLED_MSG)
         stores = await asyncio.gather(*[open_one(v, info) for v, info in zip(values, infos)])
         for v, t in zip(values, stores):
           for p in v.pieces:

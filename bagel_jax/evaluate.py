@@ -6,9 +6,11 @@
   t = 0 on the packed layout the model was trained on ([caption, noisy VAE image] and, for the
   unconditional branch, [noisy VAE image] alone), v = v_u + s (v_c - v_u), then the VAE decodes.
   `analyse` reads each image back: connected components of bright pixels -> count; mean colour ->
-  nearest palette colour; shape: a square fills > 0.92 of its bounding box, a triangle has less
-  than 0.6 times as many pixels above its middle as below, else a circle; centroid -> grid cell. A generated image is correct when the count, every object's
-  colour and shape, and (for one object) its cell match the caption.
+  nearest palette colour; shape: a triangle (point up) has less than 0.7 times as many pixels
+  above its middle as below; else a square fills 30% of the four corner blocks of its
+  bounding box (side/5) or 90% of the box, a circle leaves the corners empty; centroid -> grid
+  cell. A generated image is correct when the count, every object's colour and shape, and (for
+  one object) its cell match the caption.
 - Understanding: every question about the first `und_images` images of the test split (drawn
   with another seed than the train split), answered greedily (at most 3 tokens, stopping at
   <|im_end|>), exact match.
@@ -58,13 +60,21 @@ def analyse(img: np.ndarray, min_area: int = 8) -> list[dict]:
     mid = (ys.min() + ys.max()) / 2.0
     top, bottom = int(np.sum(ys < mid)), int(np.sum(ys > mid))
     balance = top / max(bottom, 1)  # an upward triangle has much less mass in its upper half
-    shape = "square" if fill > 0.92 else ("triangle" if balance < 0.6 else "circle")
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    k = max(1, min(bw, bh) // 5)  # corner blocks of the bounding box: full for a square, empty for a circle
+    corners = float(np.mean([box[:k, :k].mean(), box[:k, -k:].mean(), box[-k:, :k].mean(), box[-k:, -k:].mean()]))
+    if balance < 0.7:
+      shape = "triangle"
+    elif corners >= 0.3 or fill >= 0.9:
+      shape = "square"
+    else:
+      shape = "circle"
     mean = img[mask].mean(axis=0)
     colour = min(PALETTE, key=lambda k: float(np.sum((PALETTE[k] - mean) ** 2)))
     cy, cx = ys.mean(), xs.mean()
     cell = int(cy >= h / 2) * 2 + int(cx >= w / 2)
     out.append({"colour": colour, "shape": shape, "cell": cell, "area": area, "fill": round(fill, 3),
-                "balance": round(balance, 3)})
+                "balance": round(balance, 3), "corners": round(corners, 3)})
   return out
 
 

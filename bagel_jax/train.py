@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(
       preset="tiny",  # "tiny" | "7b_mot" | "shapes"; ignored when `checkpoint` is set
       checkpoint="",  # a folder with llm_config.json / vit_config.json (release or converted): the model config
+      max_latent_size=0,  # 0: as the preset / checkpoint (the release: 64, i.e. 1024 px)
       param_dtype="float32",  # master weights
       dtype="float32",  # compute ("bfloat16" on accelerators)
       attention="auto",
@@ -56,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
       groups={},  # name -> dict(format=..., weight=..., ...); see bagel_jax.data.pipeline
       rows=1,  # global batch: packed rows per step (upstream: 1 packed sequence per GPU)
       capacity=dict(tokens=36864, und=0, gen=0, vit=0, vae=0, ce=0, vae_images=0),  # 0: = tokens (vae_images: tokens/8)
-      expected_tokens=32768,  # close a row once it holds this many tokens
+      expected_tokens=32768,  # close a row once it holds this many tokens (upstream expected_num_tokens)
+      max_tokens_per_sample=16384,  # longer samples are skipped (upstream max_num_tokens_per_sample)
       vae_max_size=1024, vae_min_size=512,  # upstream T2I/edit VAE transform (stride = latent_downsample)
       vit_max_size=980, vit_min_size=224, vit_max_pixels=14 * 14 * 9 * 1024,  # stride = ViT patch
       text_cond_dropout=0.1, vit_cond_dropout=0.3, vae_cond_dropout=0.3,
@@ -95,6 +97,13 @@ def _dtype(name: str):
 
 
 def model_config(config):
+  cfg = _model_config(config)
+  if int(config.model.get("max_latent_size", 0) or 0):
+    cfg = cfg.replace(max_latent_size=int(config.model.max_latent_size))
+  return cfg
+
+
+def _model_config(config):
   from bagel_jax.config import bagel_7b_mot, bagel_tiny, load_config
   m = config.model
   if m.checkpoint:
@@ -146,6 +155,12 @@ def prepare(config, workdir) -> Setup:
     raise TrainConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
   _dtype(config.model.param_dtype), _dtype(config.model.dtype)
   optim.schedule(config.optim, int(t.steps))  # refuses a bad schedule
+  from bagel_jax.attention.api import IMPLS
+  from bagel_jax.model.qwen2_mot import REMAT_POLICIES
+  if config.model.remat not in REMAT_POLICIES:
+    raise TrainConfigError(f"model.remat={config.model.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+  if config.model.attention not in IMPLS:
+    raise TrainConfigError(f"model.attention={config.model.attention!r}: expected one of {IMPLS}")
   cfg = model_config(config)
   tok = load_tokenizer(config.tokenizer)
   check_tokenizer(tok, cfg)

@@ -232,12 +232,14 @@ class MeshBound:
 
 
 def jit_train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConfig, mesh: jax.sharding.Mesh,
-                   rules, state_shardings: TrainState, batch_sharding, vae_shardings=None) -> MeshBound:
+                   rules, state_shardings: TrainState, batch_sharding, vae_shardings=None,
+                   compiler_options: dict | None = None) -> MeshBound:
   """`train_step` jitted with explicit in/out shardings; the state (argument 0) is donated.
 
   rules: logical-axis rules (`bagel_jax.sharding.Rules`), active while tracing so activation
   constraints resolve; batch_sharding: a TrainBatch of NamedShardings or one NamedSharding for
-  all of it; vae_shardings: the VAE params' shardings (default: replicated).
+  all of it; vae_shardings: the VAE params' shardings (default: replicated); compiler_options:
+  XLA options for this executable (`jax.jit(compiler_options=...)`).
   """
   repl = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -247,19 +249,19 @@ def jit_train_step(model: BagelModel, tx: optax.GradientTransformation, hp: Step
 
   jitted = jax.jit(fn, in_shardings=(state_shardings, repl if vae_shardings is None else vae_shardings,
                                      batch_sharding),
-                   out_shardings=(state_shardings, repl), donate_argnums=(0,))
+                   out_shardings=(state_shardings, repl), donate_argnums=(0,), compiler_options=compiler_options)
   return MeshBound(jitted, mesh)
 
 
 def jit_init_train_state(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, state_shardings: TrainState,
-                         ema: bool) -> MeshBound:
+                         ema: bool, compiler_options: dict | None = None) -> MeshBound:
   """`init_train_state` jitted so each device only ever holds its shards: f(params_bagel, rng) -> state.
 
   The params argument is donated (the state takes its buffers)."""
   jitted = jax.jit(lambda p, r: init_train_state(p, tx, r, ema),
                    in_shardings=(state_shardings.params, jax.sharding.NamedSharding(mesh, jax.P())),
                    out_shardings=state_shardings,
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options)
   return MeshBound(jitted, mesh)
 
 

@@ -3,10 +3,11 @@
     python -m bagel_jax.train --config configs/shapes.py --workdir runs/shapes
 
 1. renders the procedural "bagel_shapes" TFDS dataset (20,000 train / 512 test images, 32 x 32);
-2. VAE stage: trains the tiny FLUX-architecture VAE (4x down, 4 latent channels) on the train
+2. VAE stage: trains the tiny FLUX-architecture VAE (2x down, 4 latent channels) on the train
    images, then freezes it and sets its latent scale/shift from the latent statistics;
-3. trains the MoT BAGEL (4 layers, width 128; ViT 2 layers, patch 8) on a 1:1 mix of
-   text-to-image (caption -> 4 x 4 latent tokens, flow matching) and visual question answering;
+3. trains the MoT BAGEL (4 layers, width 128; ViT 2 layers, patch 8) on a 2:1 mix of
+   text-to-image (caption -> 4 x 4 latent tokens, flow matching, timestep shift 3) and visual
+   question answering (all of an image's questions as one multi-turn conversation);
 4. evaluates: images generated for caption combinations never seen in training, read back by
    image analysis, and answers to questions about test images (bagel_jax/evaluate.py).
 """
@@ -21,8 +22,8 @@ def get_config():
   c.tokenizer = "shapes"
   shapes = dict(format="tfds", name="bagel_shapes", split="train", data_dir="", image_key="image")
   c.data.groups = {
-      "t2i": dict(shapes, task="t2i", caption_key="caption", weight=1.0),
-      "qa": dict(shapes, task="qa", qa_key="qa", weight=1.0),
+      "t2i": dict(shapes, task="t2i", caption_key="caption", weight=2.0),
+      "qa": dict(shapes, task="qa", qa_key="qa", qa_turns="all", weight=1.0),
   }
   c.data.rows = 4
   c.data.capacity = dict(tokens=128, und=128, gen=80, vit=80, vae=80, ce=40, vae_images=5)
@@ -37,15 +38,17 @@ def get_config():
   c.optim.warmup_steps = 100
   c.optim.min_lr = 2e-5
   c.optim.eps = 1e-8
-  c.train.steps = 3000
+  c.train.steps = 4000
+  c.train.timestep_shift = 3.0  # more training at high noise: small images need it to place objects
   c.train.seed = 0
   c.train.ema_decay = 0.995
   c.train.log_every = 50
   c.train.save_every = 500
   c.train.keep = 2
-  c.vae_stage = dict(steps=600, group="t2i", batch=32, lr=2e-3, kl_weight=1e-6, seed=0, stats_images=2048)
+  c.vae_stage = dict(steps=800, group="t2i", batch=16, lr=3e-3, kl_weight=1e-6, seed=0, stats_images=2048)
   c.eval.kind = "shapes"
   c.eval.cfg_scale = 3.0
+  c.eval.timestep_shift = 3.0
   c.eval.num_steps = 20
   c.eval.gen_prompts_per_combo = 4
   c.eval.und_images = 200

@@ -51,6 +51,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
     plan[r.file].append((r.upstream, r, W.upstream_shape(r.kind, stored[len(r.index):])))
   total = sum(int(_prod(s)) * ST_DTYPES[W.FILE_DTYPES[f]].itemsize for f in plan for _, _, s in plan[f])
 
+  t_setup = time.perf_counter() - t0
   bar = Progress(total, "orbax -> safetensors", progress)
   n = 0
   try:
@@ -82,7 +83,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
       out.commit()
   finally:
     bar.close()
-  return Summary(n, total, time.perf_counter() - t0, str(src), str(dst))
+  return Summary(n, total, time.perf_counter() - t0, str(src), str(dst), t_setup)
 
 
 def _prod(shape) -> int:

@@ -38,6 +38,7 @@ class Summary:
   seconds: float
   src: str
   dst: str
+  setup_seconds: float = 0.0  # imports, configs, validation: before the first byte is written
 
   @property
   def gb_per_s(self) -> float:
@@ -52,7 +53,6 @@ class Progress:
   """A tqdm bar in bytes (thread-safe updates); silent when disabled."""
 
   def __init__(self, total: int, desc: str, enabled: bool):
-    self.t0 = time.perf_counter()
     self.bar = None
     if enabled:
       from tqdm import tqdm
@@ -166,11 +166,10 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
   cfg = load_config(src)
   tree, n_tensors, n_bytes = _plan(src, cfg, dtype, allow_extra)
 
+  t_setup = time.perf_counter() - t0
   bar = Progress(n_bytes, "safetensors -> orbax", progress)
-  done = [0]
 
   def piece_done(name: str, n: int) -> None:
-    done[0] += 1
     bar.update(n)
     if on_piece is not None:
       on_piece(name, n)
@@ -198,7 +197,7 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
       out.commit()
   finally:
     bar.close()
-  return Summary(n_tensors, n_bytes, time.perf_counter() - t0, str(src), str(dst))
+  return Summary(n_tensors, n_bytes, time.perf_counter() - t0, str(src), str(dst), t_setup)
 
 
 def _version(dist: str) -> str:

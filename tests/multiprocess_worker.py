@@ -44,7 +44,7 @@ def main() -> int:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
-  from tests.train_fixtures import HP, ROWS, tiny_batch, tiny_model, tx
+  from tests.train_fixtures import FAST_COMPILE, HP, ROWS, tiny_batch, tiny_model, tx
 
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())
   work = pathlib.Path(a.workdir)
@@ -63,14 +63,14 @@ def main() -> int:
 
   abstract = jax.eval_shape(lambda q: init_train_state(q, tx(), jax.random.key(1), True), params["bagel"])
   ss = shd.train_state_shardings(abstract, mesh)
-  state = jit_init_train_state(tx(), mesh, ss, ema=True)(
+  state = jit_init_train_state(tx(), mesh, ss, ema=True, compiler_options=FAST_COMPILE)(
       jax.tree.map(global_array, params["bagel"], ss.params),
       global_array(jax.random.key_data(jax.random.key(1)), NamedSharding(mesh, P())))
   vae = jax.tree.map(lambda x: global_array(x, NamedSharding(mesh, P())), params["vae"])
 
   first = tiny_batch(model.cfg, ROWS, 0)
   bs = shd.batch_shardings(first, mesh)
-  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, bs)
+  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, bs, compiler_options=FAST_COMPILE)
   rows = shd.process_rows(ROWS)
   losses = []
   for seed in (0, 1, 2):

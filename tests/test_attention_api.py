@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax.attention import BackendUnavailable, api, attention, choose_impl, pallas_gpu, pallas_tpu
+from bagel_jax.attention import BackendUnavailable, attention, choose_impl, pallas_gpu, pallas_tpu
 from bagel_jax.attention import reference
 from bagel_jax.attention.mask import dense_mask
 from tests.conftest import rel_err
@@ -65,7 +65,7 @@ def test_unknown_impl_and_bad_shapes():
 def test_module_interpret_switch_through_the_api(monkeypatch, mod, bs):
   """`INTERPRET = True` makes impl='pallas_*' run on CPU through the public API (and is undone)."""
   monkeypatch.setattr(mod, "INTERPRET", True)
-  monkeypatch.setattr(mod, "BlockSizes", lambda: bs)  # same tiles as the kernel tests: compiled once
+  monkeypatch.setattr(mod, "default_block_sizes", lambda dtype: bs)  # small tiles: several blocks
   q, k, v, ints = _case()
   out = jax.jit(lambda q, k, v: attention(q, k, v, *ints, impl=mod.__name__.rsplit(".", 1)[1]))(q, k, v)
   ref = reference.reference_attention(q, k, v, *ints, scale=64**-0.5)
@@ -79,7 +79,8 @@ def test_force_tpu_interpret_mode_context():
   ints = tuple(jnp.asarray(x)[None] for x in make_intervals([[(7, "causal"), (9, "noise"), (5, "causal")]], t))
   q, k, v, _ = _inputs(2, 1, t, t, 2, 1, 32, jnp.float32)
   with pltpu.force_tpu_interpret_mode():
-    out = pallas_tpu.attention(q, k, v, *ints, scale=0.2, block_sizes=pallas_tpu.BlockSizes(16, 16, 16, 16))
+    out = jax.jit(lambda q, k, v: pallas_tpu.attention(q, k, v, *ints, scale=0.2,
+                                                       block_sizes=pallas_tpu.BlockSizes(32, 32, 32, 32)))(q, k, v)
   ref = reference.reference_attention(q, k, v, *ints, scale=0.2)
   assert rel_err(out, ref) < 1e-5
 

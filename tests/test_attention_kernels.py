@@ -163,13 +163,17 @@ def test_head_dims_fp32(kind, bs, d):
 def test_empty_rows_and_columns_give_zeros_without_nan():
   # sample 0 is padding only; in sample 1 one query sees nothing although its key is visible
   t = 75  # shapes and blocks as in other tests, so the compiled kernels are reused
-  ks, ke, qs, qe = make_intervals([[(12, "causal"), (10, "noise")], [(20, "full")]], t)
+  # the 48-token ViT block also gives fully visible blocks, where the kernels skip the mask
+  ks, ke, qs, qe = make_intervals([[(12, "causal"), (10, "noise")], [(48, "full")]], t)
   ke[5] = ks[5]  # row 5 sees nothing
   pad = np.zeros(t, np.int32)
   ints = tuple(jnp.asarray(np.stack([pad, x])) for x in (ks, ke, qs, qe))
   for kind, bs in (("gpu", GPU_BS), ("tpu", TPU_BS)):
+    for bq, bk in (bs[:2], bs[2:]):
+      p = blocks.pad_intervals(*ints, None, blocks.cdiv(t, bq) * bq, blocks.cdiv(t, bk) * bk)
+      assert int(blocks.full_mask(p, bq, bk).sum()) >= 2
     empty = check_against_reference(kind, bs, jnp.float32, 64, 4, 2, ints)
-    assert empty[0].all() and empty[1, 5] and empty[1, 42:].all() and not empty[1, :5].any()
+    assert empty[0].all() and empty[1, 5] and empty[1, 70:].all() and not empty[1, :5].any()
 
 
 @pytest.mark.parametrize("kind", ["gpu", "tpu"])
@@ -239,6 +243,12 @@ def test_schedule_is_exact_on_random_layouts(layout, bq, bk):
   oracle = np.asarray(blocks.intersecting_blocks(*ints, block_q=bq, block_k=bk))
   assert not (oracle & ~ours).any(), "a visible block would be skipped"
   np.testing.assert_array_equal(ours, oracle)
+  # blocks flagged fully visible (the kernels skip the mask there) are exactly the all-true ones
+  tp, sp = p.tp, p.sp
+  dense = np.zeros((tp, sp), bool)
+  dense[:t, :t] = np.asarray(dense_mask(*ints))[0]
+  all_true = dense.reshape(tp // bq, bq, sp // bk, bk).all(axis=(1, 3))
+  np.testing.assert_array_equal(np.asarray(blocks.full_mask(p, bq, bk))[0], all_true)
 
 
 # ----------------------------------------------------------------------------- decode

@@ -16,9 +16,10 @@ from tests.train_fixtures import reference_run, tiny_params
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parents[1]
 LAUNCH = REPO / "launch" / "local.sh"
-# 8 devices in 2 processes vs 1 device: reduction order only (float32).
+# 8 devices in 2 processes vs 1 device: reduction order only (float32); the tolerances and
+# their reasons are those of tests/test_sharding.py.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 5e-5
+PARAM_ATOL = 1e-4
 
 
 def _free_port() -> int:

@@ -9,14 +9,16 @@ from bagel_jax import sharding as shd
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_7b_mot
 from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
-from tests.train_fixtures import (HP, ROWS, reference_run, tiny_batch, tiny_model, tiny_params,
+from tests.train_fixtures import (FAST_COMPILE, HP, ROWS, reference_run, tiny_batch, tiny_model, tiny_params,
                                   tiny_tx, tx)
 
-# Sharded vs single-device (float32, lr 1e-3 AdamW after clipping): the loss agrees to 1e-5
-# relative; every updated parameter to 5e-5 absolute (5% of one step's largest update, which
-# Adam makes ~lr = 1e-3 per element: reduction order changes tiny gradients' Adam ratios).
+# Sharded vs single-device, float32: loss, CE, MSE and gradient norm agree to 1e-5 relative;
+# every updated parameter to 1e-4 absolute, i.e. 10% of one step's largest per-element change
+# (AdamW's first steps move each element by about lr = 1e-3 whatever the gradient's size, so
+# the reduction-order noise of near-zero gradients shows up amplified; a sharding bug moves
+# elements by O(lr) and the gradient norm by far more than 1e-5).
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 5e-5
+PARAM_ATOL = 1e-4
 
 
 def test_parse_and_make_mesh():
@@ -116,9 +118,9 @@ def test_sharded_step_matches_single_device(mesh_spec):
   abstract = jax.eval_shape(lambda q: init_train_state(q, tx(), jax.random.key(1), True), params["bagel"])
   ss = shd.train_state_shardings(abstract, mesh)
   bs = shd.batch_shardings(batch, mesh)
-  init = jit_init_train_state(tx(), mesh, ss, ema=True)
+  init = jit_init_train_state(tx(), mesh, ss, ema=True, compiler_options=FAST_COMPILE)
   state = init(jax.device_put(params["bagel"], ss.params), jax.random.key(1))
-  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, bs)
+  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, bs, compiler_options=FAST_COMPILE)
   out, m = step(state, jax.device_put(params["vae"], NamedSharding(mesh, P())), jax.device_put(batch, bs))
   assert state.params["llm"]["lm_head"].is_deleted()  # the state was donated
   for k in ("loss", "ce", "mse", "grad_norm"):

@@ -6,7 +6,7 @@ import numpy as np
 
 from bagel_jax.model.bagel import shift_timesteps
 from bagel_jax.train_step import StepConfig, TrainState, flow_batch, frozen_mask
-from tests.train_fixtures import HP, ROWS, fresh_state, single_device_step, tiny_batch, tiny_model, tiny_params
+from tests.train_fixtures import FAST_COMPILE, HP, ROWS, fresh_state, single_device_step, tiny_batch, tiny_model, tiny_params
 
 
 def _step_rng(state: TrainState):
@@ -17,7 +17,7 @@ def test_flow_batch_timesteps_noise_latents():
   model, params = tiny_model(), tiny_params()
   batch = tiny_batch(model.cfg, 4, 0)
   rng = jax.random.key(3)
-  fb = jax.jit(lambda hp, v, b, r: flow_batch(model, hp, v, b, r), static_argnums=0)
+  fb = jax.jit(lambda hp, v, b, r: flow_batch(model, hp, v, b, r), static_argnums=0, compiler_options=FAST_COMPILE)
   mb = fb(StepConfig(), params["vae"], batch, rng)
   lay = batch.layout
   ids, noisy = np.asarray(lay.vae_image_ids), np.asarray(lay.vae_noisy)
@@ -32,7 +32,7 @@ def test_flow_batch_timesteps_noise_latents():
   # the clean latents are the layout's tokens of a posterior sample of the VAE images
   k_vae = jax.random.split(rng, 3)[0]
   imgs = batch.vae_images.reshape((-1,) + batch.vae_images.shape[2:])
-  lat = jax.jit(model.encode_images)(params, imgs, k_vae)
+  lat = jax.jit(model.encode_images, compiler_options=FAST_COMPILE)(params, imgs, k_vae)
   want = model.latent_tokens(lat.reshape(batch.vae_images.shape[:2] + lat.shape[1:]), lay)
   np.testing.assert_allclose(mb.vae_latents, want, rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(mb.vae_latents)[ids < 0] == 0)
@@ -51,8 +51,9 @@ def test_step_updates_params_ema_and_counters():
   assert int(s1.step) == 1 and int(s1.nonfinite_streak) == 0 and int(s1.nonfinite_total) == 0
   assert not np.array_equal(s1.rng, s0.rng)
   # the step's loss is BagelModel.loss on the flow batch drawn from the state's rng
-  mb = jax.jit(lambda v, b, r: flow_batch(model, HP, v, b, r))(params["vae"], batch, _step_rng(s0))
-  total, parts = jax.jit(model.loss)(params, mb)
+  mb = jax.jit(lambda v, b, r: flow_batch(model, HP, v, b, r), compiler_options=FAST_COMPILE)(
+      params["vae"], batch, _step_rng(s0))
+  total, parts = jax.jit(model.loss, compiler_options=FAST_COMPILE)(params, mb)
   np.testing.assert_allclose(float(m["loss"]), float(total), rtol=1e-5)
   np.testing.assert_allclose(float(m["ce"]), float(parts.ce), rtol=1e-5)
   assert int(m["num_ce"]) == int(parts.num_ce) and int(m["num_mse"]) == int(parts.num_mse) > 0

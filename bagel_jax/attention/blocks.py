@@ -96,13 +96,39 @@ def block_mask(p: Padded, block_q: int, block_k: int) -> jax.Array:
   return key_side & query_side
 
 
-def compact(mask: jax.Array, width: int | None = None) -> jax.Array:
-  """bool [B, n, m] -> int32 [B, n, width] schedule (count, then indices; see the module doc)."""
+def full_mask(p: Padded, block_q: int, block_k: int) -> jax.Array:
+  """bool [B, nq, nk]: blocks in which every (q, k) pair is visible (no mask needed there).
+
+  Exact, because each condition separates into a row part and a column part:
+  max k_start <= first key, min k_end > last key, max q_start <= min q_pos, min q_end > max q_pos.
+  """
+  b = p.k_start.shape[0]
+  nq, nk = p.tp // block_q, p.sp // block_k
+  rq = lambda x: x.reshape(b, nq, block_q)
+  rk = lambda x: x.reshape(b, nk, block_k)
+  rows_ok = jnp.all(rq(p.k_end > p.k_start), axis=-1)
+  cols_ok = jnp.all(rk(p.q_end > p.q_start), axis=-1)
+  ks_max, ke_min = jnp.max(rq(p.k_start), axis=-1), jnp.min(rq(p.k_end), axis=-1)
+  qp_min, qp_max = jnp.min(rq(p.q_pos), axis=-1), jnp.max(rq(p.q_pos), axis=-1)
+  qs_max, qe_min = jnp.max(rk(p.q_start), axis=-1), jnp.min(rk(p.q_end), axis=-1)
+  j0 = jnp.arange(nk, dtype=jnp.int32) * block_k
+  key_side = (ks_max[:, :, None] <= j0[None, None]) & (ke_min[:, :, None] >= (j0 + block_k)[None, None])
+  query_side = (qs_max[:, None, :] <= qp_min[:, :, None]) & (qe_min[:, None, :] > qp_max[:, :, None])
+  return rows_ok[:, :, None] & cols_ok[:, None, :] & key_side & query_side
+
+
+def compact(mask: jax.Array, width: int | None = None, full: jax.Array | None = None) -> jax.Array:
+  """bool [B, n, m] -> int32 [B, n, width] schedule (count, then indices; see the module doc).
+
+  With `full` (bool [B, n, m], a subset of `mask`), a fully visible block j is listed as j + m, so
+  a kernel can skip computing the mask there."""
   b, n, m = mask.shape
   width = m + 1 if width is None else width
   assert width >= m + 1, (width, m)
   count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
   order = jnp.argsort(jnp.logical_not(mask), axis=-1, stable=True).astype(jnp.int32)
+  if full is not None:
+    order = order + m * jnp.take_along_axis(full, order, axis=-1).astype(jnp.int32)
   last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   last = jnp.where(count[..., None] > 0, last, 0)
   pos = jnp.arange(m, dtype=jnp.int32)
@@ -130,3 +156,11 @@ def intersecting_blocks(k_start, k_end, q_start, q_end, q_positions=None, *, blo
   nq, nk = cdiv(t, block_q), cdiv(s, block_k)
   m = jnp.pad(m, ((0, 0), (0, nq * block_q - t), (0, nk * block_k - s)))
   return m.reshape(b, nq, block_q, nk, block_k).any(axis=(2, 4))
+
+
+def split_full(sched: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """A schedule from `compact(..., full=...)` -> (plain schedule, int32 flags: 1 = fully visible)."""
+  idx = sched[..., 1:]
+  flags = (idx >= m).astype(jnp.int32)
+  plain = jnp.concatenate([sched[..., :1], idx - m * flags], axis=-1)
+  return plain, jnp.concatenate([jnp.zeros_like(sched[..., :1]), flags], axis=-1)

@@ -3,10 +3,15 @@
 Same contract as `bagel_jax.attention.api.attention`.  The mask is computed in the kernel from
 the four interval arrays; a query block only visits the key blocks listed in its schedule
 (`blocks.py`: per-block min/max of the intervals, compacted to a list), so fully masked blocks
-cost nothing.  GQA is by head index (`kv_head = q_head // group`): K/V are never repeated; the
+cost nothing, and blocks that are fully visible skip computing the mask.  GQA is by head index (`kv_head = q_head // group`): K/V are never repeated; the
 dk/dv kernel of one KV head loops over the query heads of its group.  Softmax statistics and all
 accumulators are fp32; the backward pass (jax.custom_vjp) saves only the output and the
 log-sum-exp ([B, Hq, T]) and recomputes probabilities block by block (no T x S tensor).
+
+`forward_split_k` (used by `decode.py`) splits each visit list over several programs and merges
+the partial softmaxes (flash-decoding), for a few queries against a long KV cache.
+`visit_counts` returns the number of key blocks the forward processed per query block, counted
+inside the kernel (the tests compare it with the blocks the dense mask touches).
 
 Head dims that are not a power of two (SigLIP's 72) are zero-padded to one (Triton needs
 power-of-two tiles); T and S are padded to whole blocks (padded rows and columns are masked).
@@ -39,13 +44,24 @@ _MIN_BLOCK = 16  # tl.dot needs at least 16 rows/columns
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two). `*_bwd` are used by both backward kernels."""
+  """Tile sizes (powers of two). `*_bwd` are used by both backward kernels.
+
+  The defaults (bf16/fp16) keep the forward's double-buffered Q, K, V tiles near 96 KB of shared
+  memory at head dim 128, inside an A100's 164 KB; `default_block_sizes` halves them for fp32.
+  Untuned: no GPU was available when they were chosen (see docs/benchmarks.md).
+  """
   block_q: int = 128
   block_k: int = 64
   block_q_bwd: int = 64
   block_k_bwd: int = 64
   num_warps: int | None = None  # default: 4 for head dim <= 64, else 8
   num_stages: int = 2
+
+
+def default_block_sizes(dtype) -> BlockSizes:
+  if jnp.dtype(dtype).itemsize >= 4:
+    return BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32)
+  return BlockSizes()
 
 
 def unavailable_reason() -> str | None:
@@ -79,10 +95,22 @@ def _mask(ks, ke, qp, qs, qe, k0, block_k):
           (qp[:, None] < qe[None, :]))
 
 
+def _entry(raw, n):
+  """A schedule entry: block index and whether the block is fully visible (listed as index + n)."""
+  full = raw >= n
+  return jnp.where(full, raw - n, raw), full
+
+
+def _apply_mask(s, full, mask_fn):
+  """-inf where masked; blocks that are fully visible skip computing the mask."""
+  return lax.cond(full, lambda x: x, lambda x: jnp.where(mask_fn(), x, -jnp.inf), s)
+
+
 # ----------------------------------------------------------------------------- forward kernel
 
 def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                *visits_ref, scale2: float, block_q: int, block_k: int, num_splits: int, precision):
+                *visits_ref, scale2: float, block_q: int, block_k: int, num_splits: int, num_k_blocks: int,
+                precision):
   dp = q_ref.shape[-1]
   q = q_ref[...]
   ks, ke, qp = ks_ref[...], ke_ref[...], qp_ref[...]
@@ -96,13 +124,13 @@ def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
 
   def body(jj, carry):
     acc, m, l = carry
-    j = sched_ref[jj + 1]
+    j, full = _entry(sched_ref[jj + 1], num_k_blocks)
     k0 = pl.multiple_of(j * block_k, block_k)
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
-    qs, qe = qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)]
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2  # log2 domain, fp32
-    s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+    s = _apply_mask(s, full, lambda: _mask(ks, ke, qp, qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)],
+                                           k0, block_k))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp2(s - m_safe[:, None])  # masked entries: exp2(-inf) = 0
@@ -125,20 +153,21 @@ def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
 # ----------------------------------------------------------------------------- backward kernels
 
 def _dq_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, scale: float, scale2: float, block_q: int, block_k: int, precision):
+               delta_ref, dq_ref, *, scale: float, scale2: float, block_q: int, block_k: int, num_k_blocks: int,
+               precision):
   dp = q_ref.shape[-1]
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   ks, ke, qp = ks_ref[...], ke_ref[...], qp_ref[...]
 
   def body(jj, dq):
-    j = sched_ref[jj + 1]
+    j, full = _entry(sched_ref[jj + 1], num_k_blocks)
     k0 = pl.multiple_of(j * block_k, block_k)
     k = k_ref[pl.ds(k0, block_k), :]
     v = v_ref[pl.ds(k0, block_k), :]
-    qs, qe = qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)]
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
-    s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+    s = _apply_mask(s, full, lambda: _mask(ks, ke, qp, qs_ref[pl.ds(k0, block_k)], qe_ref[pl.ds(k0, block_k)],
+                                           k0, block_k))
     p = jnp.exp2(s - lse[:, None])
     dpv = plgpu.dot(do, v, trans_b=True, precision=precision)
     ds = p * (dpv - delta[:, None])
@@ -150,7 +179,7 @@ def _dq_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, 
 
 def _dkv_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, dk_ref, dv_ref, *, scale: float, scale2: float, block_q: int, block_k: int,
-                group: int, precision):
+                group: int, num_q_blocks: int, precision):
   dp = k_ref.shape[-1]
   k, v = k_ref[...], v_ref[...]
   qs, qe = qs_ref[...], qe_ref[...]
@@ -160,15 +189,15 @@ def _dkv_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
   def head(g, carry):
     def body(ii, carry):
       dk, dv = carry
-      i = sched_ref[ii + 1]
+      i, full = _entry(sched_ref[ii + 1], num_q_blocks)
       q0 = pl.multiple_of(i * block_q, block_q)
       q = q_ref[pl.ds(q0, block_q), g, :]
       do = do_ref[pl.ds(q0, block_q), g, :]
       lse = lse_ref[g, pl.ds(q0, block_q)]
       delta = delta_ref[g, pl.ds(q0, block_q)]
-      ks, ke, qp = ks_ref[pl.ds(q0, block_q)], ke_ref[pl.ds(q0, block_q)], qp_ref[pl.ds(q0, block_q)]
       s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale2
-      s = jnp.where(_mask(ks, ke, qp, qs, qe, k0, block_k), s, -jnp.inf)
+      s = _apply_mask(s, full, lambda: _mask(ks_ref[pl.ds(q0, block_q)], ke_ref[pl.ds(q0, block_q)],
+                                             qp_ref[pl.ds(q0, block_q)], qs, qe, k0, block_k))
       p = jnp.exp2(s - lse[:, None])  # [bq, bk]
       dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
       dpv = plgpu.dot(do, v, trans_b=True, precision=precision)
@@ -240,7 +269,7 @@ def _forward(pl_: _Plan, q, k, v, ints, scale, interpret, debug_visits=False, nu
   b, hq, g, ns = pl_.b, pl_.hq, pl_.hq // pl_.hkv, num_splits
   nq, nk = pl_.tp // pl_.bq, pl_.sp // pl_.bk
   width = blocks.next_pow2(nk + 1)
-  sched = blocks.compact(blocks.block_mask(P, pl_.bq, pl_.bk), width)
+  sched = blocks.compact(blocks.block_mask(P, pl_.bq, pl_.bk), width, full=blocks.full_mask(P, pl_.bq, pl_.bk))
   row = pl.BlockSpec((None, pl_.bq), lambda p, b_, h: (b_, p // ns))
   col = pl.BlockSpec((None, pl_.sp), lambda p, b_, h: (b_, 0))
   in_specs = [
@@ -263,7 +292,7 @@ def _forward(pl_: _Plan, q, k, v, ints, scale, interpret, debug_visits=False, nu
     out_shape.append(jax.ShapeDtypeStruct((b, hq, nq * ns), jnp.int32))
     out_specs.append(pl.BlockSpec((None, None, None), lambda p, b_, h: (b_, h, p)))
   kernel = functools.partial(_fwd_kernel, scale2=scale * _LOG2E, block_q=pl_.bq, block_k=pl_.bk,
-                             num_splits=ns, precision=_precision(q.dtype))
+                             num_splits=ns, num_k_blocks=nk, precision=_precision(q.dtype))
   return pl.pallas_call(
       kernel, grid=(nq * ns, b, hq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=pl_.num_warps, num_stages=pl_.num_stages),
@@ -279,7 +308,7 @@ def _backward(pl_: _Plan, q, k, v, ints, o_p, lse, do, scale, interpret):
   dop = blocks.pad_last(blocks.pad_seq(do, tp), dp)
   # delta = rowsum(dO * O): O(T) memory, done by XLA.
   delta = jnp.einsum("bthd,bthd->bht", dop.astype(jnp.float32), o_p.astype(jnp.float32))
-  mask = blocks.block_mask(P, bq, bk)
+  mask, full = blocks.block_mask(P, bq, bk), blocks.full_mask(P, bq, bk)
   precision = _precision(q.dtype)
   params = plgpu.CompilerParams(num_warps=pl_.num_warps, num_stages=pl_.num_stages)
 
@@ -291,13 +320,13 @@ def _backward(pl_: _Plan, q, k, v, ints, o_p, lse, do, scale, interpret):
   stat = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, scale2=scale * _LOG2E, block_q=bq, block_k=bk,
-                        precision=precision),
+                        num_k_blocks=nk, precision=precision),
       grid=(nq, b, hq),
       in_specs=[pl.BlockSpec((None, None, width_q), lambda i, b_, h: (b_, i, 0)), row, row, row, col, col,
                 qblk, kfull, kfull, qblk, stat, stat],
       out_specs=qblk, out_shape=jax.ShapeDtypeStruct(qq.shape, q.dtype), compiler_params=params,
       interpret=interpret, name="bagel_interval_attention_dq",
-  )(blocks.compact(mask, width_q), P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end, qq, kk, vv, dop, lse,
+  )(blocks.compact(mask, width_q, full=full), P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end, qq, kk, vv, dop, lse,
     delta)
 
   width_k = blocks.next_pow2(nq + 1)
@@ -308,14 +337,15 @@ def _backward(pl_: _Plan, q, k, v, ints, o_p, lse, do, scale, interpret):
   statg = pl.BlockSpec((None, None, g, tp), lambda j, b_, h: (b_, h, 0, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, scale2=scale * _LOG2E, block_q=bq, block_k=bk, group=g,
-                        precision=precision),
+                        num_q_blocks=nq, precision=precision),
       grid=(nk, b, hkv),
       in_specs=[pl.BlockSpec((None, None, width_k), lambda j, b_, h: (b_, j, 0)), rowf, rowf, rowf, colb, colb,
                 qgrp, kblk, kblk, qgrp, statg, statg],
       out_specs=[kblk, kblk],
       out_shape=[jax.ShapeDtypeStruct(kk.shape, k.dtype), jax.ShapeDtypeStruct(vv.shape, v.dtype)],
       compiler_params=params, interpret=interpret, name="bagel_interval_attention_dkv",
-  )(blocks.compact(jnp.swapaxes(mask, 1, 2), width_k), P.k_start, P.k_end, P.q_pos, P.q_start, P.q_end,
+  )(blocks.compact(jnp.swapaxes(mask, 1, 2), width_k, full=jnp.swapaxes(full, 1, 2)), P.k_start, P.k_end,
+    P.q_pos, P.q_start, P.q_end,
     qq.reshape(b, tp, hkv, g, dp), kk, vv, dop.reshape(b, tp, hkv, g, dp), lse.reshape(b, hkv, g, tp),
     delta.reshape(b, hkv, g, tp))
   t, s, d = pl_.t, pl_.s, pl_.d
@@ -361,7 +391,7 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scal
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
   return _attention(q, k, v, k_start, k_end, q_start, q_end, q_positions, float(scale),
-                    block_sizes or BlockSizes(), interpret)
+                    block_sizes or default_block_sizes(q.dtype), interpret)
 
 
 def visit_counts(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
@@ -369,10 +399,9 @@ def visit_counts(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, s
   """int32 [B, Hq, nq]: key blocks the forward kernel processed per query block (counted in-kernel)."""
   interpret = INTERPRET if interpret is None else bool(interpret)
   _check(q, k, v, interpret)
-  pl_ = _plan(q, k, block_sizes or BlockSizes())
-  outs = _forward(pl_, q, k, v, (k_start, k_end, q_start, q_end, q_positions), float(scale), interpret,
-                  debug_visits=True)
-  return outs[2]
+  pl_ = _plan(q, k, block_sizes or default_block_sizes(q.dtype))
+  run = jax.jit(lambda q, k, v, ints: _forward(pl_, q, k, v, ints, float(scale), interpret, debug_visits=True)[2])
+  return run(q, k, v, (k_start, k_end, q_start, q_end, q_positions))
 
 
 def forward_split_k(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
@@ -385,7 +414,7 @@ def forward_split_k(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *
   _check(q, k, v, interpret)
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
-  pl_ = _plan(q, k, block_sizes or BlockSizes())
+  pl_ = _plan(q, k, block_sizes or default_block_sizes(q.dtype))
   o, lse = _forward(pl_, q, k, v, (k_start, k_end, q_start, q_end, q_positions), float(scale), interpret,
                     num_splits=num_splits)
   lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # empty share: weight 0

@@ -8,7 +8,8 @@ Block skipping, splash-style: the visit schedule of `blocks.py` (per-block min/m
 intervals, compacted into a list) is scalar-prefetched into SMEM.  The innermost grid axis walks
 the list; its length is the largest visit count of any block (a dynamic grid bound), and the
 index maps read the list, so a K/V block that is not visited is never copied into VMEM.  Steps
-past a block's own count repeat the last index (no new DMA) and do no compute.
+past a block's own count repeat the last index (no new DMA) and do no compute.  A second
+prefetched array flags the blocks that are fully visible; those skip computing the mask.
 
 - forward: grid (B, Hq, nq, max visits); online softmax in VMEM scratch; writes O and the
   log-sum-exp [B, Hq, T, 1] (fp32).
@@ -52,6 +53,13 @@ class BlockSizes:
   vmem_limit_bytes: int | None = 64 * 1024 * 1024
 
 
+def default_block_sizes(dtype) -> BlockSizes:
+  """Untuned defaults (no TPU was available): 512-wide forward tiles as in MaxText's splash
+  settings, 256 for the backward, whose kernels keep more [block, block] fp32 temporaries."""
+  del dtype
+  return BlockSizes()
+
+
 def unavailable_reason() -> str | None:
   try:
     platform = jax.devices()[0].platform
@@ -70,9 +78,20 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _mask(ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, k0, shape, key_axis):
+  kidx = k0 + lax.broadcasted_iota(jnp.int32, shape, key_axis)
+  qp = qp_ref[...]
+  return (ks_ref[...] <= kidx) & (kidx < ke_ref[...]) & (qs_ref[...] <= qp) & (qp < qe_ref[...])
+
+
+def _apply_mask(s, full_flag, mask_fn):
+  """-inf where masked; fully visible blocks (flag 1 in the schedule) skip the mask."""
+  return lax.cond(full_flag == 1, lambda x: x, lambda x: jnp.where(mask_fn(), x, -jnp.inf), s)
+
+
 # ----------------------------------------------------------------------------- kernels
 
-def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+def _fwd_kernel(sched_ref, full_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                 m_sc, l_sc, acc_sc, *, scale, nq, width, block_k, precision):
   b, i, jj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   base = (b * nq + i) * width
@@ -87,10 +106,8 @@ def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
   def _step():
     k0 = sched_ref[base + 1 + jj] * block_k
     s = _dot(q_ref[...], k_ref[...], _NT, precision) * scale  # [bq, bk]
-    kidx = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    qp = qp_ref[...]
-    mask = ((ks_ref[...] <= kidx) & (kidx < ke_ref[...]) & (qs_ref[...] <= qp) & (qp < qe_ref[...]))
-    s = jnp.where(mask, s, -jnp.inf)
+    s = _apply_mask(s, full_ref[base + 1 + jj],
+                    lambda: _mask(ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, k0, s.shape, 1))
     m_prev = m_sc[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -108,7 +125,7 @@ def _fwd_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
     lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+def _dq_kernel(sched_ref, full_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, dq_ref, dq_sc, *, scale, nq, width, block_k, precision):
   b, i, jj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   base = (b * nq + i) * width
@@ -122,10 +139,9 @@ def _dq_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, 
     k0 = sched_ref[base + 1 + jj] * block_k
     k = k_ref[...]
     s = _dot(q_ref[...], k, _NT, precision) * scale
-    kidx = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    qp = qp_ref[...]
-    mask = ((ks_ref[...] <= kidx) & (kidx < ke_ref[...]) & (qs_ref[...] <= qp) & (qp < qe_ref[...]))
-    p = jnp.exp(jnp.where(mask, s, -jnp.inf) - lse_ref[...])
+    s = _apply_mask(s, full_ref[base + 1 + jj],
+                    lambda: _mask(ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, k0, s.shape, 1))
+    p = jnp.exp(s - lse_ref[...])
     dp = _dot(do_ref[...], v_ref[...], _NT, precision)
     ds = p * (dp - delta_ref[...])
     dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN, precision)
@@ -211,33 +227,33 @@ def _forward(pl_: _Plan, q, k, v, ints, scale, interpret):
   bq, bk, dp = pl_.bq, pl_.bk, pl_.dp
   nq, nk = pl_.tp // bq, pl_.sp // bk
   width = nk + 1
-  sched = blocks.compact(blocks.block_mask(P, bq, bk), width)
+  sched, full = blocks.split_full(blocks.compact(blocks.block_mask(P, bq, bk), width,
+                                                 full=blocks.full_mask(P, bq, bk)), nk)
   steps = jnp.maximum(jnp.max(sched[..., 0]), 1)
-  flat = sched.reshape(-1)
 
-  def kv_block(b_, h, i, jj, s_ref):
+  def kv_block(b_, h, i, jj, s_ref, f_ref):
     return s_ref[(b_ * nq + i) * width + 1 + jj]
 
-  row = pl.BlockSpec((None, bq, 1), lambda b_, h, i, jj, s_ref: (b_, i, 0))
-  col = pl.BlockSpec((None, 1, bk), lambda b_, h, i, jj, s_ref: (b_, 0, kv_block(b_, h, i, jj, s_ref)))
-  qblk = pl.BlockSpec((None, None, bq, dp), lambda b_, h, i, jj, s_ref: (b_, h, i, 0))
-  kblk = pl.BlockSpec((None, None, bk, dp),
-                      lambda b_, h, i, jj, s_ref: (b_, h // g, kv_block(b_, h, i, jj, s_ref), 0))
-  lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, jj, s_ref: (b_, h, i, 0))
+  row = pl.BlockSpec((None, bq, 1), lambda b_, h, i, jj, *r: (b_, i, 0))
+  col = pl.BlockSpec((None, 1, bk), lambda b_, h, i, jj, *r: (b_, 0, kv_block(b_, h, i, jj, *r)))
+  qblk = pl.BlockSpec((None, None, bq, dp), lambda b_, h, i, jj, *r: (b_, h, i, 0))
+  kblk = pl.BlockSpec((None, None, bk, dp), lambda b_, h, i, jj, *r: (b_, h // g, kv_block(b_, h, i, jj, *r), 0))
+  lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, jj, *r: (b_, h, i, 0))
   col3 = lambda x: x[:, None, :]
   row3 = lambda x: x[:, :, None]
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, nq=nq, width=width, block_k=bk,
                         precision=_precision(q.dtype)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, hq, nq, steps),
+          num_scalar_prefetch=2, grid=(b, hq, nq, steps),
           in_specs=[row, row, row, col, col, qblk, kblk, kblk],
           out_specs=[qblk, lse_spec],
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                           pltpu.VMEM((bq, dp), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(qq.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, pl_.tp, 1), jnp.float32)],
       compiler_params=_params(pl_), interpret=_interpret_arg(interpret), name="bagel_interval_attention_fwd",
-  )(flat, row3(P.k_start), row3(P.k_end), row3(P.q_pos), col3(P.q_start), col3(P.q_end), qq, kk, vv)
+  )(sched.reshape(-1), full.reshape(-1), row3(P.k_start), row3(P.k_end), row3(P.q_pos), col3(P.q_start),
+    col3(P.q_end), qq, kk, vv)
   return o, lse
 
 
@@ -250,75 +266,77 @@ def _backward(pl_: _Plan, q, k, v, ints, o, lse, do, scale, interpret):
   nq, nk = tp // bq, sp // bk
   precision = _precision(q.dtype)
   delta = jnp.sum(dd.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, Hq, Tp, 1]
-  mask = blocks.block_mask(P, bq, bk)
+  mask, full = blocks.block_mask(P, bq, bk), blocks.full_mask(P, bq, bk)
   col3 = lambda x: x[:, None, :]
   row3 = lambda x: x[:, :, None]
 
   # dq: grid over query blocks, walking their key-block lists.
   width = nk + 1
-  sched = blocks.compact(mask, width)
+  sched, sfull = blocks.split_full(blocks.compact(mask, width, full=full), nk)
   steps = jnp.maximum(jnp.max(sched[..., 0]), 1)
 
-  def kv_block(b_, i, jj, s_ref):
+  def kv_block(b_, i, jj, s_ref, f_ref):
     return s_ref[(b_ * nq + i) * width + 1 + jj]
 
-  row = pl.BlockSpec((None, bq, 1), lambda b_, h, i, jj, s_ref: (b_, i, 0))
-  col = pl.BlockSpec((None, 1, bk), lambda b_, h, i, jj, s_ref: (b_, 0, kv_block(b_, i, jj, s_ref)))
-  qblk = pl.BlockSpec((None, None, bq, dp), lambda b_, h, i, jj, s_ref: (b_, h, i, 0))
-  kblk = pl.BlockSpec((None, None, bk, dp), lambda b_, h, i, jj, s_ref: (b_, h // g, kv_block(b_, i, jj, s_ref), 0))
-  stat = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, jj, s_ref: (b_, h, i, 0))
+  row = pl.BlockSpec((None, bq, 1), lambda b_, h, i, jj, *r: (b_, i, 0))
+  col = pl.BlockSpec((None, 1, bk), lambda b_, h, i, jj, *r: (b_, 0, kv_block(b_, i, jj, *r)))
+  qblk = pl.BlockSpec((None, None, bq, dp), lambda b_, h, i, jj, *r: (b_, h, i, 0))
+  kblk = pl.BlockSpec((None, None, bk, dp), lambda b_, h, i, jj, *r: (b_, h // g, kv_block(b_, i, jj, *r), 0))
+  stat = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, jj, *r: (b_, h, i, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, nq=nq, width=width, block_k=bk, precision=precision),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, hq, nq, steps),
+          num_scalar_prefetch=2, grid=(b, hq, nq, steps),
           in_specs=[row, row, row, col, col, qblk, kblk, kblk, qblk, stat, stat],
           out_specs=qblk, scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(qq.shape, q.dtype),
       compiler_params=_params(pl_), interpret=_interpret_arg(interpret), name="bagel_interval_attention_dq",
-  )(sched.reshape(-1), row3(P.k_start), row3(P.k_end), row3(P.q_pos), col3(P.q_start), col3(P.q_end), qq, kk,
-    vv, dd, lse, delta)
+  )(sched.reshape(-1), sfull.reshape(-1), row3(P.k_start), row3(P.k_end), row3(P.q_pos), col3(P.q_start),
+    col3(P.q_end), qq, kk, vv, dd, lse, delta)
 
   # dk/dv: grid over key blocks and KV heads, walking (query head of the group, query block).
   width_t = nq + 1
-  sched_t = blocks.compact(jnp.swapaxes(mask, 1, 2), width_t)
+  sched_t, full_t = blocks.split_full(blocks.compact(jnp.swapaxes(mask, 1, 2), width_t,
+                                                     full=jnp.swapaxes(full, 1, 2)), nq)
   steps_t = jnp.maximum(jnp.max(sched_t[..., 0]), 1)
 
-  # The index maps need `steps_t` (a traced value): it is a second scalar-prefetch operand.
-  def q_block2(b_, j, t, s_ref, n_ref):
-    n = n_ref[0]
-    return s_ref[(b_ * nk + j) * width_t + 1 + t % n]
+  # Scalar-prefetch operands: the schedule, its full-block flags and `steps_t` (a traced value the
+  # index maps need to split the last grid axis into (query head of the group, list position)).
+  def q_block(b_, j, t, s_ref, f_ref, n_ref):
+    return s_ref[(b_ * nk + j) * width_t + 1 + t % n_ref[0]]
 
-  rowt = pl.BlockSpec((None, 1, bq), lambda b_, h, j, t, s_ref, n_ref: (b_, 0, q_block2(b_, j, t, s_ref, n_ref)))
-  colt = pl.BlockSpec((None, bk, 1), lambda b_, h, j, t, s_ref, n_ref: (b_, j, 0))
-  qgrp = pl.BlockSpec((None, None, bq, dp), lambda b_, h, j, t, s_ref, n_ref:
-                      (b_, h * g + t // n_ref[0], q_block2(b_, j, t, s_ref, n_ref), 0))
-  kown = pl.BlockSpec((None, None, bk, dp), lambda b_, h, j, t, s_ref, n_ref: (b_, h, j, 0))
-  statt = pl.BlockSpec((None, None, 1, bq), lambda b_, h, j, t, s_ref, n_ref:
-                       (b_, h * g + t // n_ref[0], 0, q_block2(b_, j, t, s_ref, n_ref)))
+  def q_head(h, t, n_ref):
+    return h * g + t // n_ref[0]
 
-  def dkv_kernel(s_ref, n_ref, *refs):
-    _dkv_kernel(s_ref, n_ref[0], *refs, scale=scale, nk=nk, width=width_t, block_q=bq, block_k=bk,
-                    precision=precision)
+  rowt = pl.BlockSpec((None, 1, bq), lambda b_, h, j, t, *r: (b_, 0, q_block(b_, j, t, *r)))
+  colt = pl.BlockSpec((None, bk, 1), lambda b_, h, j, t, *r: (b_, j, 0))
+  qgrp = pl.BlockSpec((None, None, bq, dp), lambda b_, h, j, t, *r: (b_, q_head(h, t, r[2]), q_block(b_, j, t, *r), 0))
+  kown = pl.BlockSpec((None, None, bk, dp), lambda b_, h, j, t, *r: (b_, h, j, 0))
+  statt = pl.BlockSpec((None, None, 1, bq), lambda b_, h, j, t, *r: (b_, q_head(h, t, r[2]), 0, q_block(b_, j, t, *r)))
+
+  def dkv_kernel(s_ref, f_ref, n_ref, *refs):
+    _dkv_kernel(s_ref, f_ref, n_ref[0], *refs, scale=scale, nk=nk, width=width_t, block_k=bk, precision=precision)
 
   dk, dv = pl.pallas_call(
       dkv_kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, hkv, nk, g * steps_t),
+          num_scalar_prefetch=3, grid=(b, hkv, nk, g * steps_t),
           in_specs=[rowt, rowt, rowt, colt, colt, qgrp, kown, kown, qgrp, statt, statt],
           out_specs=[kown, kown],
           scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(kk.shape, k.dtype), jax.ShapeDtypeStruct(vv.shape, v.dtype)],
       compiler_params=_params(pl_), interpret=_interpret_arg(interpret), name="bagel_interval_attention_dkv",
-  )(sched_t.reshape(-1), steps_t.reshape(1).astype(jnp.int32), col3(P.k_start), col3(P.k_end), col3(P.q_pos),
-    row3(P.q_start), row3(P.q_end), qq, kk, vv, dd, lse.reshape(b, hq, 1, tp), delta.reshape(b, hq, 1, tp))
+  )(sched_t.reshape(-1), full_t.reshape(-1), steps_t.reshape(1).astype(jnp.int32), col3(P.k_start),
+    col3(P.k_end), col3(P.q_pos), row3(P.q_start), row3(P.q_end), qq, kk, vv, dd, lse.reshape(b, hq, 1, tp),
+    delta.reshape(b, hq, 1, tp))
 
   t, s, d = pl_.t, pl_.s, pl_.d
   back = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n, :, :d]
   return back(dq, t), back(dk, s), back(dv, s)
 
 
-def _dkv_kernel(sched_ref, steps, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-              delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, nk, width, block_q, block_k, precision):
+def _dkv_kernel(sched_ref, full_ref, steps, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, nk, width, block_k, precision):
   b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   base = (b * nk + j) * width
   ii = t % steps
@@ -332,10 +350,10 @@ def _dkv_kernel(sched_ref, steps, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref,
   def _step():
     q, do = q_ref[...], do_ref[...]
     st = _dot(k_ref[...], q, _NT, precision) * scale  # S^T [bk, bq]
-    kidx = j * block_k + lax.broadcasted_iota(jnp.int32, st.shape, 0)
-    qp = qp_ref[...]  # [1, bq]
-    mask = ((ks_ref[...] <= kidx) & (kidx < ke_ref[...]) & (qs_ref[...] <= qp) & (qp < qe_ref[...]))
-    pt = jnp.exp(jnp.where(mask, st, -jnp.inf) - lse_ref[...])  # P^T [bk, bq]
+    # transposed: query-side intervals are rows [1, bq], key-side ones columns [bk, 1]
+    st = _apply_mask(st, full_ref[base + 1 + ii],
+                     lambda: _mask(ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, j * block_k, st.shape, 0))
+    pt = jnp.exp(st - lse_ref[...])  # P^T [bk, bq]
     dv_sc[...] += _dot(pt.astype(do.dtype), do, _NN, precision)
     dpt = _dot(v_ref[...], do, _NT, precision)  # dP^T [bk, bq]
     dst = pt * (dpt - delta_ref[...])
@@ -387,4 +405,4 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scal
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
   return _attention(q, k, v, k_start, k_end, q_start, q_end, q_positions, float(scale),
-                    block_sizes or BlockSizes(), interpret)
+                    block_sizes or default_block_sizes(q.dtype), interpret)

@@ -190,7 +190,7 @@ def run(sizes, impls, *, heads: int, kv_heads: int, head_dim: int, dtype, reps: 
           fb = jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
           _, t = _time(fb, (q, k, v, do), reps)
           row.fb_ms, row.fb_tflops = t * 1e3, 3.5 * flops_fwd / t / 1e12
-        bs = _fwd_blocks(impl)
+        bs = _fwd_blocks(impl, dtype)
         if bs:
           sched = blocks.visit_schedule(*ints, block_q=bs[0], block_k=bs[1])
           grid = sched.shape[1] * (sched.shape[2] - 1)
@@ -201,15 +201,13 @@ def run(sizes, impls, *, heads: int, kv_heads: int, head_dim: int, dtype, reps: 
   return rows
 
 
-def _fwd_blocks(impl: str):
-  if impl.startswith("pallas_gpu"):
-    from bagel_jax.attention import pallas_gpu
-    b = pallas_gpu.BlockSizes()
-    return b.block_q, b.block_k
-  if impl.startswith("pallas_tpu"):
-    from bagel_jax.attention import pallas_tpu
-    b = pallas_tpu.BlockSizes()
-    return b.block_q, b.block_k
+def _fwd_blocks(impl: str, dtype):
+  """The forward tiles a Pallas backend uses by default (for the blocks-visited column)."""
+  for name in ("pallas_gpu", "pallas_tpu"):
+    if impl.startswith(name):
+      mod = __import__(f"bagel_jax.attention.{name}", fromlist=["default_block_sizes"])
+      b = mod.default_block_sizes(dtype)
+      return b.block_q, b.block_k
   return None
 
 
@@ -221,7 +219,11 @@ SEP = "|" + "---|" * 13
 
 
 def _f(x, fmt):
-  return "-" if x is None else format(x, fmt)
+  if x is None:
+    return "-"
+  if fmt == "tflops":
+    return format(x, ".1f") if x >= 10 else format(x, ".3g")
+  return format(x, fmt)
 
 
 def _ratio(row: Row, rows: list[Row], base: str) -> str:
@@ -235,7 +237,7 @@ def _ratio(row: Row, rows: list[Row], base: str) -> str:
 
 def _fmt_row(r: Row, rows: list[Row]) -> str:
   return (f"| {r.tokens} | {r.samples} | {r.density:.3f} | {r.impl} | {_f(r.fwd_ms, '.2f')} | "
-          f"{_f(r.fwd_tflops, '.3f')} | {_f(r.fb_ms, '.2f')} | {_f(r.fb_tflops, '.3f')} | "
+          f"{_f(r.fwd_tflops, 'tflops')} | {_f(r.fb_ms, '.2f')} | {_f(r.fb_tflops, 'tflops')} | "
           f"{_ratio(r, rows, 'cudnn')} | {_ratio(r, rows, 'xla_chunked')} | {_f(r.blocks_visited, '.3f')} | "
           f"{_f(r.compile_s, '.1f')} | {r.note} |")
 
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
   ap.add_argument("--head-dim", type=int, default=128)
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--dtype", default="bfloat16" if accel else "float32")
-  ap.add_argument("--reps", type=int, default=10 if accel else 2)
+  ap.add_argument("--reps", type=int, default=10 if accel else 3)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no-backward", action="store_true", help="time the forward pass only")
   ap.add_argument("--json", default=None, help="also write the rows as JSON here")

@@ -7,7 +7,7 @@ tokens, ViT and VAE tokens, CE targets, VAE images), so every batch has the same
 train step compiles once. A row is closed when it reaches `expected_tokens` or when the next
 sample does not fit any one of its capacities; that sample starts the next row (or waits for the
 next batch). A sample that cannot fit an empty row is skipped and counted (`oversized`), as are
-records the parsers rejected (`Skipped`: corrupt image, bad JSON, ...): neither stops a run.
+a sample over `max_sample_tokens`, and records the parsers rejected (`Skipped`: corrupt image, bad JSON, ...): neither stops a run.
 
 Exact resume: the iterator holds at most one pending sample. Its state is the parent's state
 from *before* that sample was read (or the current parent state if none is pending) plus the
@@ -52,6 +52,7 @@ class PackSpec:
   max_patches_per_side: int
   max_latent_size: int
   reweight_ce: bool = False
+  max_sample_tokens: int = 0  # 0: any sample that fits a row (upstream: max_num_tokens_per_sample)
 
   def cap(self) -> np.ndarray:
     return np.asarray([getattr(self.capacity, k) for k in NEED_KEYS], np.int64)
@@ -136,7 +137,7 @@ class _PackIterator(grain.DatasetIterator):
         rejected += 1
         continue
       n = needs(s.plan)
-      if np.any(n > self._cap):
+      if np.any(n > self._cap) or (spec.max_sample_tokens and n[0] > spec.max_sample_tokens):
         self._counts["oversized"] += 1
         rejected += 1
         continue

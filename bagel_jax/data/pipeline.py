@@ -68,10 +68,14 @@ class ParseRecord:
       pairs = json.loads(S._text(rec[g.get("qa_key", "qa")]))
       if not pairs:
         raise S.SampleError("no question/answer pair")
-      q, a = pairs[int(rng.integers(len(pairs)))]
-      r = {"image": rec[image_key], "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                                      {"from": "gpt", "value": a}]}
-      return S.vlm_sample(r, b, rng, self.group)
+      if g.get("qa_turns", "one") == "all":  # every pair, in random order, as one multi-turn conversation
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+      else:
+        pairs = [pairs[int(rng.integers(len(pairs)))]]
+      conv = []
+      for i, (q, a) in enumerate(pairs):
+        conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+      return S.vlm_sample({"image": rec[image_key], "conversations": conv}, b, rng, self.group)
     raise S.SampleError(f"unknown task {task!r}")
 
 
@@ -145,7 +149,8 @@ def pack_spec(data_cfg, model_cfg: BagelConfig, rows: int) -> PackSpec:
                   vae_side=vae_side, vit_patch=model_cfg.vit.patch_size, vit_channels=model_cfg.vit.num_channels,
                   latent_downsample=model_cfg.latent_downsample, tokens=model_cfg.tokens,
                   max_patches_per_side=model_cfg.vit_max_num_patch_per_side,
-                  max_latent_size=model_cfg.max_latent_size, reweight_ce=bool(data_cfg.get("ce_reweighting", False)))
+                  max_latent_size=model_cfg.max_latent_size, reweight_ce=bool(data_cfg.get("ce_reweighting", False)),
+                  max_sample_tokens=int(data_cfg.get("max_tokens_per_sample", 0) or 0))
 
 
 def make_pipeline(data_cfg, model_cfg: BagelConfig, tokenizer, *, seed: int, process_index: int = 0,

@@ -142,7 +142,8 @@ def examples(n: int, seed: int, size: int, exclude_held_out: bool):
 
 
 def model_config(image_size: int = 32):
-  """The demo's tiny BAGEL: 4-layer MoT LLM (width 128), 2-layer ViT (patch 8), 4x VAE (z = 4)."""
+  """The demo's tiny BAGEL: 4-layer MoT LLM (width 128), 2-layer ViT (patch 8), a 2x VAE (z = 4) with
+  4 x 4 latent patches, so a token is 8 x 8 pixels and 64 numbers, as upstream's (16 px, 2 x 2 x 16)."""
   from bagel_jax.config import BagelConfig, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
   n = len(WORDS)
   vocab = -(-(n + 4) // 8) * 8
@@ -150,10 +151,10 @@ def model_config(image_size: int = 32):
       llm=LLMConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2),
       vit=ViTConfig(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_hidden_layers=2, patch_size=8),
-      vae=VAEConfig(resolution=image_size, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, downsample=4,
+      vae=VAEConfig(resolution=image_size, ch=32, ch_mult=(1, 1), num_res_blocks=0, z_channels=4, downsample=2,
                     scale_factor=1.0, shift_factor=0.0),
       tokens=SpecialTokens(bos_token_id=n, eos_token_id=n + 1, start_of_image=n + 2, end_of_image=n + 3),
-      latent_patch_size=2,
+      latent_patch_size=4,
       max_latent_size=image_size // 8,
       vit_max_num_patch_per_side=image_size // 8,
   )

@@ -28,6 +28,8 @@ class DataError(ValueError):
 
 def expand_paths(path: str | Sequence[str], suffixes: tuple[str, ...]) -> list[str]:
   """A file, a folder (its files with these suffixes, sorted), a glob, or a list of those."""
+  if isinstance(path, os.PathLike):
+    path = os.fspath(path)
   if not isinstance(path, str):
     return [p for one in path for p in expand_paths(one, suffixes)]
   if not path:
