@@ -5,7 +5,8 @@
   (different noise) with classifier-free guidance: Euler steps of the flow from t = 1 (noise) to
   t = 0 on the packed layout the model was trained on ([caption, noisy VAE image] and, for the
   unconditional branch, [noisy VAE image] alone), v = v_u + s (v_c - v_u), then the VAE decodes.
-  `analyse` reads each image back: connected components of bright pixels -> count; mean colour ->
+  `analyse` reads each image back: connected components of bright pixels (ignoring specks under
+  20 pixels, a third of the smallest drawn shape) -> count; mean colour ->
   nearest palette colour; shape: a triangle (point up) has less than 0.7 times as many pixels
   above its middle as below; else a square fills 30% of the four corner blocks of its
   bounding box (side/5) or 90% of the box, a circle leaves the corners empty; centroid -> grid
@@ -41,7 +42,7 @@ PALETTE = {k: np.asarray(v, np.float32) for k, v in shapes.COLOURS.items()}
 
 
 # ----------------------------------------------------------------------------- image analysis
-def analyse(img: np.ndarray, min_area: int = 8) -> list[dict]:
+def analyse(img: np.ndarray, min_area: int = 20) -> list[dict]:
   """uint8 [H, W, 3] on black -> objects [{colour, shape, cell, area}] (see the module docstring)."""
   from scipy import ndimage
   img = np.asarray(img).astype(np.float32)

@@ -323,7 +323,7 @@ def largest_buffers(compiled, n: int = 12) -> list[tuple[int, str, str]]:
   return out[:n]
 
 
-def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae):
+def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae, compiler_options=None):
   import jax
 
   from bagel_jax import sharding as shd
@@ -332,7 +332,7 @@ def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae):
   ss = shd.train_state_shardings(abstract_state, mesh, rules)
   bs = shd.batch_shardings(batch, mesh, rules)
   vs = shd.replicated(vae, mesh)
-  step = jit_train_step(model, tx, hp, mesh, rules, ss, bs, vs)
+  step = jit_train_step(model, tx, hp, mesh, rules, ss, bs, vs, compiler_options=compiler_options)
   args = (shd.abstract_with_shardings(abstract_state, ss), shd.abstract_with_shardings(vae, vs),
           shd.abstract_with_shardings(batch, bs))
   t0 = time.time()
@@ -348,7 +348,7 @@ def _with_layers(cfg, n: int):
 def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
          remat: str | None = None, layers: int | None = None, attention: str | None = None,
          step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
-         flops: bool = True, top: int = 0, out=print) -> dict[str, Any]:
+         flops: bool = True, top: int = 0, compiler_options: dict | None = None, out=print) -> dict[str, Any]:
   """Compiles the train step abstractly and returns (and prints) the per-device figures."""
   import jax
   import jax.numpy as jnp
@@ -363,9 +363,17 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     preset = preset or "bagel_7b_mot"
     cfg = getattr(C, preset)()
   else:
+    import pathlib
+
     from bagel_jax.train import model_config
-    cfg = model_config(config)
-    preset = _get(config, "model.checkpoint", default="") or _get(config, "model.preset", default="?")
+    ckpt = _get(config, "model.checkpoint", default="")
+    if ckpt and not pathlib.Path(ckpt).is_dir():
+      # The release folder is not needed for a plan: its configs are the bagel_7b_mot preset.
+      out(f"plan: model.checkpoint {ckpt!r} is not here; using the bagel_7b_mot preset (the release's configs)")
+      cfg, preset = C.bagel_7b_mot(), "bagel_7b_mot"
+    else:
+      cfg = model_config(config)
+      preset = ckpt or _get(config, "model.preset", default="?")
   remat = remat or _get(config, "model.remat", default="full")
   attention = attention or "flash_xla"
   if attention in ("auto", "pallas_gpu", "pallas_tpu", "cudnn"):
@@ -419,7 +427,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
       f"{nv} ViT tokens ({mix.und_images} images {mix.und_side}px), {nc} CE tokens, rest text")
 
   if layers is None or layers >= full_layers:
-    compiled, secs, _ = _compile(model, tx, hp, mesh, rules, state, batch, vae)
+    compiled, secs, _ = _compile(model, tx, hp, mesh, rules, state, batch, vae, compiler_options)
     ma = compiled.memory_analysis()
     temp, arg, outb, alias = ma.temp_size_in_bytes, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes
     how = f"compiled at full depth ({full_layers} layers) in {secs:.0f} s"
@@ -430,7 +438,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     res = []
     for k in (k1, k2):
       m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, attention)
-      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k)
+      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k, compiler_options)
       res.append((c.memory_analysis(), secs))
     (m1, s1), (m2, s2) = res
     per_layer = (m2.temp_size_in_bytes - m1.temp_size_in_bytes) / (k2 - k1)
@@ -462,7 +470,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     fl = []
     for k in (0, 1):
       m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, "reference")
-      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k)
+      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k, compiler_options)
       ca = c.cost_analysis()
       ca = ca[0] if isinstance(ca, (list, tuple)) else ca
       fl.append(float(ca.get("flops", 0.0)))

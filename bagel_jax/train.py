@@ -22,7 +22,6 @@ One run, in this order (everything that can be refused is checked before anythin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -271,8 +270,9 @@ def vae_stage(setup: Setup):
   stats = {"shift_factor": float(zs.mean()), "scale_factor": float(1.0 / max(zs.std(), 1e-6)),
            "recon_mse": rec_mse, "steps": int(vs.steps), "images": n, "seconds": round(time.time() - t0, 1)}
   _log.info("VAE stage done: %s", stats)
-  checkpointing.save_params(out, params)
-  stats_file.write_text(json.dumps(stats, indent=1))
+  if jax.process_index() == 0:  # every process trained the same VAE (same seed and data)
+    checkpointing.save_params(out, params)
+    stats_file.write_text(json.dumps(stats, indent=1))
   return params, stats
 
 
@@ -422,7 +422,6 @@ def run(config, workdir) -> dict:
   setup = prepare(config, workdir)  # refuses bad input before anything compiles
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
 
@@ -430,8 +429,6 @@ def run(config, workdir) -> dict:
   from bagel_jax import sharding as shd
   from bagel_jax import train_step as ts
   from bagel_jax.api import BagelModel
-  from bagel_jax.model.autoencoder import AutoEncoder
-  from flax import nnx
 
   workdir = setup.workdir
   workdir.mkdir(parents=True, exist_ok=True)
@@ -494,9 +491,7 @@ def run(config, workdir) -> dict:
   _log.info("model: %s trainable / %s frozen parameters (+ VAE %s, frozen); mesh %s", f"{n_train:,}",
             f"{n_frozen:,}", f"{sum(x.size for x in jax.tree.leaves(abstract['vae'])):,}", shd.describe(mesh))
 
-  # The batch shardings (static shapes: one compile).
-  arrays0_shapes = None
-  step_fn = None
+  step_fn = None  # built at the first batch (static shapes: one compile)
   writer = MetricsWriter(workdir, is_main)
   peak = peak_flops(config)
   fpt = flops_per_token(cfg)
@@ -555,7 +550,6 @@ def run(config, workdir) -> dict:
           batch_sh = shd.batch_shardings(jax.eval_shape(lambda b: b, batch), mesh, rules)
           step_fn = ts.jit_train_step(model, tx, hp, mesh, rules, state_sh, batch_sh, vae_sh)
           t0 = time.time()
-          arrays0_shapes = jax.tree.map(lambda x: x.shape, arrays)
           _log.info("compiling the train step (%s rows x %d tokens)", arrays["layout"].token_kind.shape[0],
                     arrays["layout"].token_kind.shape[1])
         gbatch = shd.host_local_to_global(batch, batch_sh)
@@ -588,7 +582,6 @@ def run(config, workdir) -> dict:
       bar.close()
       ckpt.close()
       writer.close()
-  del arrays0_shapes
 
   result = dict(last)
   if config.eval.kind == "shapes" and not stop.requested and step >= steps:

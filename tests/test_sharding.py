@@ -168,3 +168,43 @@ def test_constrain_is_a_noop_without_rules():
       return shd.constrain(x * 2, ("activation_batch", "activation_embed"))
 
   assert f(x).sharding.spec == P("fsdp")
+
+
+def test_flash_xla_stand_in_matches_reference():
+  """The plan's attention stand-in is exact (forward and gradients), with a padded last chunk."""
+  import jax.numpy as jnp
+
+  from bagel_jax.attention.reference import reference_attention
+  from bagel_jax.plan import flash_xla_attention
+  lay = tiny_batch(tiny_model().cfg, 2, 0).layout
+  b, t = lay.k_start.shape
+  r = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(r.normal(size=(b, t, h, 16)), jnp.float32) for h in (4, 2, 2))
+  ints = (lay.k_start, lay.k_end, lay.q_start, lay.q_end)
+
+  def loss(fn, q, k, v):
+    o = fn(q, k, v, *ints, scale=0.25)
+    return jnp.sum(o * jnp.cos(o))
+
+  flash = lambda *a, **kw: flash_xla_attention(*a, chunk=40, **kw)
+  got = jax.jit(jax.value_and_grad(lambda *x: loss(flash, *x), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.value_and_grad(lambda *x: loss(reference_attention, *x), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, c in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * float(np.abs(c).max()))
+
+
+def test_plan_tiny_reports_memory_and_flops():
+  from bagel_jax import layout as L
+  from bagel_jax.plan import RowMix, plan, visible_pairs
+  lay = tiny_batch(tiny_model().cfg, 1, 0).layout
+  assert visible_pairs(lay, block=7) == int(L.dense_mask_np(lay).sum())
+  lines = []
+  mix = RowMix(tokens=128, gen_images=1, gen_side=16, und_images=1, und_side=28, ce_tokens=16, caption=8)
+  fig = plan(None, "fsdp=4,tensor=2", preset="bagel_tiny", mix=mix, flops=True, compiler_options=FAST_COMPILE,
+             out=lines.append)
+  text = "\n".join(lines)
+  assert "compiled at full depth (2 layers)" in text and "fits in 80 GB:  yes" in text, text
+  assert fig["params"] > 0 and fig["optimizer"] >= 2 * fig["params"] * 0.9 and fig["activations_and_temps"] > 0
+  assert fig["total"] == fig["arguments"] + fig["outputs"] - fig["aliased"] + fig["activations_and_temps"]
+  assert 0 < fig["model_flops_per_device"] < fig["xla_flops_per_device"]
