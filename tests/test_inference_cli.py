@@ -46,3 +46,20 @@ def test_bench_tiny(tmp_path, capsys):
   res = json.loads(out.read_text())
   assert res["config"] == "tiny" and res["euler_steps"] == 2
   assert res["per_step_s"] > 0 and res["decode_tokens_per_s"] > 0
+
+
+def test_generate_from_a_converted_orbax_folder(tmp_path, capsys):
+  """The CLIs read a folder converted by convert.safetensors_to_orbax like the release folder itself."""
+  from convert.safetensors_to_orbax import main as convert_main
+  converted = tmp_path / "orbax"
+  convert_main(["--src", str(FIXTURE_DIR), "--dst", str(converted)])
+  assert (converted / "state").is_dir()
+  outs = {}
+  for name, folder in (("release", FIXTURE_DIR), ("orbax", converted)):
+    outs[name] = tmp_path / f"{name}.png"
+    rc = generate.main(["--checkpoint", str(folder), "--tokenizer", str(TOKENIZER), "--prompt", "a red cat",
+                        "--size", "16x16", "--steps", "3", "--seed", "2", "--out", str(outs[name]), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+  a, b = (np.asarray(Image.open(outs[k])) for k in ("release", "orbax"))
+  np.testing.assert_array_equal(a, b)
+  assert a.std() > 0  # a real image, not a blank

@@ -220,13 +220,15 @@ class Inferencer:
   @classmethod
   def from_checkpoint(cls, folder, *, tokenizer=None, dtype=None, quantize: str = "none",
                       attention_impl: str = "auto") -> "Inferencer":
-    """Loads an upstream release folder (configs, ema.safetensors, ae.safetensors, tokenizer.json).
+    """Loads an upstream release folder (configs, ema.safetensors, ae.safetensors, tokenizer.json)
+    or a folder converted to Orbax by `convert.safetensors_to_orbax` (configs, `state/`, tokenizer).
 
     dtype: compute/parameter dtype (default bfloat16 on accelerators, float32 on CPU);
     quantize: "int8" for weight-only int8 decoder kernels; tokenizer: a tokenizer.json path
     (default: the folder's).
     """
     from bagel_jax.api import BagelModel
+    from bagel_jax.checkpoint import STATE_DIR, load_checkpoint
     from bagel_jax.config import load_config
     from bagel_jax.inference.quantize import quantize_params
     from bagel_jax.inference.tokenizer import load_tokenizer
@@ -236,7 +238,10 @@ class Inferencer:
       dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     cfg = load_config(folder)
     model = BagelModel(cfg, param_dtype=dtype, dtype=dtype, attention_impl=attention_impl)
-    params = model.load_upstream(folder)
+    if (folder / STATE_DIR).is_dir():
+      params = jax.tree.map(lambda x, a: x.astype(a.dtype), load_checkpoint(folder), model.abstract_params())
+    else:
+      params = model.load_upstream(folder)
     params = quantize_params(params, quantize, free_inputs=True)
     return cls(model, params, tok)
 
