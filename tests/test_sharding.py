@@ -209,3 +209,18 @@ def test_plan_tiny_reports_memory():
   assert "compiled at full depth (2 layers)" in text and "fits in 80 GB:  yes" in text, text
   assert fig["params"] > 0 and fig["optimizer"] >= 2 * fig["params"] * 0.9 and fig["activations_and_temps"] > 0
   assert fig["total"] == fig["arguments"] + fig["outputs"] - fig["aliased"] + fig["activations_and_temps"]
+
+
+def test_train_step_constrains_the_residual_stream():
+  """The LLM and ViT residual streams are constrained to the batch sharding at each layer boundary."""
+  model, params = tiny_model(), tiny_params()
+  mesh = shd.make_mesh("data=2,fsdp=4")
+  batch = tiny_batch(model.cfg, ROWS, 0)
+  abstract = jax.eval_shape(lambda q: init_train_state(q, tx(), jax.random.key(1), True), params["bagel"])
+  ss = shd.train_state_shardings(abstract, mesh)
+  step = jit_train_step(model, tx(), HP, mesh, shd.DEFAULT_RULES, ss, shd.batch_shardings(batch, mesh))
+  text = step.lower(shd.abstract_with_shardings(abstract, ss), params["vae"], batch).as_text()
+  hidden = model.cfg.llm.hidden_size
+  constrained = [ln for ln in text.splitlines() if "sharding_constraint" in ln or "Sharding" in ln and "custom_call" in ln]
+  llm = [ln for ln in constrained if f"x{hidden}x" in ln and '{"data", "fsdp"}' in ln.replace("'", '"')]
+  assert len(llm) >= 2, "\n".join(constrained[:20])

@@ -21,6 +21,11 @@ from jax.ad_checkpoint import checkpoint_name
 from bagel_jax.attention import attention
 from bagel_jax.config import LLMConfig
 from bagel_jax.model.embeddings import apply_rope, rope_cos_sin
+from bagel_jax.sharding import constrain
+
+# Logical names of the residual stream [B, T, D]; constrained at every layer boundary (a no-op
+# unless a train/sampler step traces under `sharding.use_rules`).
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 NUM_EXPERTS = 2
 
@@ -212,8 +217,8 @@ class Qwen2MoT(nnx.Module):
 
     def body(x, xs):
       p, past = xs
-      x, kv = decoder_layer(cfg, p, x, expert_idx, cos, sin, spec, past, opts, dtype)
-      return x, (kv if opts.return_kv else None)
+      x, kv = decoder_layer(cfg, p, constrain(x, RESIDUAL), expert_idx, cos, sin, spec, past, opts, dtype)
+      return constrain(x, RESIDUAL), (kv if opts.return_kv else None)
 
     policy = REMAT_POLICIES[opts.remat]
     if opts.remat != "none":

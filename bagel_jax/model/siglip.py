@@ -27,7 +27,8 @@ from flax import nnx
 from bagel_jax.attention import attention
 from bagel_jax.config import ViTConfig
 from bagel_jax.model.connector import activation
-from bagel_jax.model.qwen2_mot import REMAT_POLICIES
+from bagel_jax.model.qwen2_mot import REMAT_POLICIES, RESIDUAL
+from bagel_jax.sharding import constrain
 
 
 def _layer_norm(cfg: ViTConfig, *, rngs, param_dtype, dtype) -> nnx.LayerNorm:
@@ -103,7 +104,7 @@ class SiglipVisionModel(nnx.Module):
 
     def body(x, layer_state):
       layer = nnx.merge(graphdef, layer_state)
-      return layer(x, block_start, block_end, cfg=cfg, attention_impl=impl), None
+      return constrain(layer(constrain(x, RESIDUAL), block_start, block_end, cfg=cfg, attention_impl=impl), RESIDUAL), None
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
