@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -326,6 +326,26 @@ def active_mesh() -> Mesh | None:
   return None if active is None else active[0]
 
 
+class MeshBound:
+  """A jitted function that runs (and lowers) under `jax.set_mesh(mesh)`.
+
+    fn(*args)                 # call
+    fn.lower(*args).compile().memory_analysis()   # AOT (abstract args work)
+  """
+
+  def __init__(self, jitted: Callable, mesh: jax.sharding.Mesh):
+    self.jitted = jitted
+    self.mesh = mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
 # ----------------------------------------------------------------------------- multi-host
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
@@ -400,6 +420,6 @@ __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "PARAM_AXES", "Rules", "ShardingError", "parse_mesh", "make_mesh",
     "logical_to_spec", "param_logical_axes", "logical_axes", "param_specs", "param_shardings",
     "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shardings", "abstract_with_shardings",
-    "use_rules", "constrain", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
+    "use_rules", "constrain", "MeshBound", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
     "host_local_to_global", "describe",
 ]

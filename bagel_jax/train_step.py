@@ -39,7 +39,7 @@ import optax
 from bagel_jax.api import BagelModel
 from bagel_jax.layout import Layout
 from bagel_jax.model.bagel import Batch, shift_timesteps
-from bagel_jax.sharding import path_str, use_rules
+from bagel_jax.sharding import MeshBound, path_str, use_rules
 
 PyTree = Any
 
@@ -211,26 +211,6 @@ def train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConf
 
 
 # ----------------------------------------------------------------------------- jitted, sharded
-class MeshBound:
-  """A jitted function that runs (and lowers) under `jax.set_mesh(mesh)`.
-
-    step(state, vae_params, batch)      # call
-    step.lower(state, vae_params, batch).compile().memory_analysis()   # AOT (abstract args work)
-  """
-
-  def __init__(self, jitted: Callable, mesh: jax.sharding.Mesh):
-    self.jitted = jitted
-    self.mesh = mesh
-
-  def __call__(self, *args):
-    with jax.set_mesh(self.mesh):
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with jax.set_mesh(self.mesh):
-      return self.jitted.lower(*args)
-
-
 def jit_train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConfig, mesh: jax.sharding.Mesh,
                    rules, state_shardings: TrainState, batch_sharding, vae_shardings=None,
                    compiler_options: dict | None = None) -> MeshBound:

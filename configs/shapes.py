@@ -38,7 +38,7 @@ def get_config():
   c.optim.warmup_steps = 100
   c.optim.min_lr = 2e-5
   c.optim.eps = 1e-8
-  c.train.steps = 4000
+  c.train.steps = 8000
   c.train.timestep_shift = 3.0  # more training at high noise: small images need it to place objects
   c.train.seed = 0
   c.train.ema_decay = 0.995
@@ -50,6 +50,6 @@ def get_config():
   c.eval.cfg_scale = 3.0
   c.eval.timestep_shift = 3.0
   c.eval.num_steps = 20
-  c.eval.gen_prompts_per_combo = 4
+  c.eval.gen_prompts_per_combo = 8
   c.eval.und_images = 200
   return c

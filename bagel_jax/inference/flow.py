@@ -200,9 +200,7 @@ class progress_bar:
 TRACE_COUNT = {"denoise": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "grid", "num_contexts", "renorm_type", "over_batch",
-                                             "record", "progress"))
-def denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: jax.Array, cfg_on: jax.Array,
+def _denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: jax.Array, cfg_on: jax.Array,
             text_scale: jax.Array, img_scale: jax.Array, renorm_min: jax.Array, *, grid: tuple[int, int],
             num_contexts: int, renorm_type: str, over_batch: bool = False, record: bool = False,
             progress: bool = False):
@@ -250,5 +248,43 @@ def denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: ja
   return x, rec
 
 
-__all__ = ["FlowSettings", "timestep_grid", "schedule", "combine_cfg", "image_velocity", "denoise",
+denoise = jax.jit(_denoise, static_argnames=("model", "grid", "num_contexts", "renorm_type", "over_batch",
+                                              "record", "progress"))
+
+
+def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules=None) -> KVCache:
+  """KV cache [L, B, S, Hkv, hd]: KV heads split as the rules split attention heads; the few CFG rows replicated."""
+  from bagel_jax import sharding as shd
+  rules = shd.DEFAULT_RULES if rules is None else rules
+  spec = shd.logical_to_spec((None, None, None, "activation_kv_heads", None), rules, mesh, cache.k.shape)
+  kv, repl = jax.sharding.NamedSharding(mesh, spec), jax.sharding.NamedSharding(mesh, jax.P())
+  return KVCache(kv, kv, repl, repl)
+
+
+def jit_denoise(model, mesh: jax.sharding.Mesh, param_shardings, cache_sharding: KVCache, *,
+                grid: tuple[int, int], num_contexts: int, renorm_type: str, over_batch: bool = False,
+                rules=None, progress: bool = False):
+  """`denoise` on a mesh: explicit in/out shardings, the initial noise donated to the result.
+
+      step = jit_denoise(model, mesh, sharding.param_shardings(params, mesh), cache_shardings(cache, mesh),
+                         grid=grid, num_contexts=3, renorm_type="global")
+      x = step(params, cache, x0, ts, dts, cfg_on, text_scale, img_scale, renorm_min)
+  """
+  from bagel_jax import sharding as shd
+  rules = shd.DEFAULT_RULES if rules is None else rules
+  repl = jax.sharding.NamedSharding(mesh, jax.P())
+
+  def run(params, cache, x0, ts, dts, cfg_on, text_scale, img_scale, renorm_min):
+    with shd.use_rules(mesh, rules):
+      x, _ = _denoise(model, params, cache, x0, ts, dts, cfg_on, text_scale, img_scale, renorm_min, grid=grid,
+                      num_contexts=num_contexts, renorm_type=renorm_type, over_batch=over_batch, record=False,
+                      progress=progress)
+    return x
+
+  jitted = jax.jit(run, in_shardings=(param_shardings, cache_sharding) + (repl,) * 7, out_shardings=repl,
+                   donate_argnums=(2,))
+  return shd.MeshBound(jitted, mesh)
+
+
+__all__ = ["FlowSettings", "jit_denoise", "cache_shardings", "timestep_grid", "schedule", "combine_cfg", "image_velocity", "denoise",
            "progress_bar", "latent_position_ids", "TRACE_COUNT"]

@@ -206,9 +206,16 @@ class _Request:
 
 
 class Inferencer:
-  def __init__(self, model, params, tokenizer: Tokenizer | None, *, cache_dtype=None):
+  def __init__(self, model, params, tokenizer: Tokenizer | None, *, cache_dtype=None, mesh=None):
+    """mesh: a `bagel_jax.sharding` mesh: the parameters are placed by the project's rules and the
+    denoising loop runs as `flow.jit_denoise` (explicit shardings, the noise buffer donated)."""
     self.model = model
     self.cfg: BagelConfig = model.cfg
+    self.mesh = mesh
+    self._samplers: dict = {}
+    if mesh is not None:
+      from bagel_jax import sharding as shd
+      params = jax.device_put(params, shd.param_shardings(params, mesh))
     self.params = params
     self.tokenizer = tokenizer
     self.cache_dtype = cache_dtype
@@ -244,6 +251,15 @@ class Inferencer:
       params = model.load_upstream(folder)
     params = quantize_params(params, quantize, free_inputs=True)
     return cls(model, params, tok)
+
+  def _sampler(self, cache, statics: dict):
+    """The sharded denoising loop for these static settings (one jit per setting; shapes cached by jit)."""
+    from bagel_jax import sharding as shd
+    key = (tuple(cache.k.shape), tuple(sorted(statics.items())))
+    if key not in self._samplers:
+      self._samplers[key] = flow.jit_denoise(self.model, self.mesh, shd.param_shardings(self.params, self.mesh),
+                                             flow.cache_shardings(cache, self.mesh), **statics)
+    return self._samplers[key]
 
   # ---- pieces
   def _encode_text(self, text: str | Sequence[int]) -> kc.TextSegment:
@@ -465,10 +481,16 @@ class Inferencer:
                         for i in members])
       t0 = time.perf_counter()
       with flow.progress_bar(len(ts), enabled=progress):
-        x, rec = flow.denoise(self.model, self.params, stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on),
-                              jnp.float32(cfg_text_scale), jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min),
-                              grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
-                              over_batch=global_renorm_over_batch, record=record, progress=progress)
+        args = (stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on), jnp.float32(cfg_text_scale),
+                jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min))
+        statics = dict(grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
+                       over_batch=global_renorm_over_batch, progress=progress)
+        if self.mesh is None:
+          x, rec = flow.denoise(self.model, self.params, *args, record=record, **statics)
+        else:
+          if record:
+            raise InferenceError("record=True records the unsharded sampler only; build the Inferencer without a mesh")
+          x, rec = self._sampler(stacked, statics)(self.params, *args), None
         x = jax.block_until_ready(x)
       t1 = time.perf_counter()
       timing["denoise_s"] = timing.get("denoise_s", 0.0) + t1 - t0
