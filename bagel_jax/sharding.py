@@ -154,6 +154,25 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.De
 
 
 # ----------------------------------------------------------------------------- logical -> physical
+def rules_with(overrides: Any = None, base: Rules = DEFAULT_RULES) -> Rules:
+  """The rules with some logical axes remapped: {"embed": "fsdp,tensor", "mlp": ""} ("" = replicated).
+
+  `overrides` is config data (`train.sharding_rules` in the training configs); names must exist in `base`."""
+  if not overrides:
+    return base
+  known = {name for name, _ in base}
+  out = dict(base)
+  for name, axes in dict(overrides).items():
+    if name not in known:
+      raise ShardingError(f"sharding rule for unknown logical axis {name!r}; known: {', '.join(sorted(known))}")
+    parts = tuple(a.strip() for a in axes.split(",") if a.strip()) if isinstance(axes, str) else tuple(axes or ())
+    bad = [a for a in parts if a not in MESH_AXES]
+    if bad:
+      raise ShardingError(f"sharding rule {name}={axes!r}: {bad[0]!r} is not a mesh axis {MESH_AXES}")
+    out[name] = None if not parts else parts[0] if len(parts) == 1 else parts
+  return tuple((name, out[name]) for name, _ in base)
+
+
 def _rule(rules: Rules, name: str | None) -> tuple[str, ...]:
   if name is None:
     return ()
@@ -420,6 +439,6 @@ __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "PARAM_AXES", "Rules", "ShardingError", "parse_mesh", "make_mesh",
     "logical_to_spec", "param_logical_axes", "logical_axes", "param_specs", "param_shardings",
     "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shardings", "abstract_with_shardings",
-    "use_rules", "constrain", "MeshBound", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
+    "use_rules", "constrain", "MeshBound", "rules_with", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
     "host_local_to_global", "describe",
 ]

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay=0.9999,  # 0: no EMA
       log_every=10, save_every=2000, keep=3, async_save=True, max_nonfinite_streak=10,
       mesh="",  # e.g. "fsdp=8" or "data=2,fsdp=4"; "" = every device on fsdp
+      sharding_rules={},  # logical axis -> mesh axes over sharding.DEFAULT_RULES, e.g. {"embed": "fsdp", "mlp": ""}
       peak_tflops=0.0,  # per device, for the MFU estimate (0: from the device kind, if known)
   )
   c.vae_stage = dict(steps=0, group="", batch=32, lr=1e-3, kl_weight=1e-6, seed=0, stats_images=1024)
@@ -85,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 class TrainConfigError(ValueError):
   """A config the trainer refuses before building anything."""
+
+
+def sharding_rules(config):
+  """sharding.DEFAULT_RULES with `train.sharding_rules` applied (config data, checked in `prepare`)."""
+  from bagel_jax import sharding as shd
+  r = config.train.sharding_rules
+  return shd.rules_with(r.to_dict() if hasattr(r, "to_dict") else r)
 
 
 def _dtype(name: str):
@@ -160,6 +168,7 @@ def prepare(config, workdir) -> Setup:
     raise TrainConfigError(f"model.remat={config.model.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
   if config.model.attention not in IMPLS:
     raise TrainConfigError(f"model.attention={config.model.attention!r}: expected one of {IMPLS}")
+  sharding_rules(config)
   cfg = model_config(config)
   tok = load_tokenizer(config.tokenizer)
   check_tokenizer(tok, cfg)
@@ -448,7 +457,7 @@ def run(config, workdir) -> dict:
                      attention_impl=config.model.attention, remat=config.model.remat)
 
   mesh = shd.make_mesh(config.train.mesh or None)
-  rules = shd.DEFAULT_RULES
+  rules = sharding_rules(config)
   abstract = model.abstract_params()
   param_sh = shd.param_shardings(abstract["bagel"], mesh, rules)
   repl = jax.sharding.NamedSharding(mesh, jax.P())

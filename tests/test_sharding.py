@@ -224,3 +224,17 @@ def test_train_step_constrains_the_residual_stream():
   constrained = [ln for ln in text.splitlines() if "sharding_constraint" in ln or "Sharding" in ln and "custom_call" in ln]
   llm = [ln for ln in constrained if f"x{hidden}x" in ln and '{"data", "fsdp"}' in ln.replace("'", '"')]
   assert len(llm) >= 2, "\n".join(constrained[:20])
+
+
+def test_rules_are_config_data():
+  rules = shd.rules_with({"mlp": "", "embed": "fsdp,tensor"})
+  assert dict(rules)["mlp"] is None and dict(rules)["embed"] == ("fsdp", "tensor")
+  assert dict(rules)["heads"] == "tensor"  # the rest as DEFAULT_RULES
+  mesh = shd.make_mesh("fsdp=4,tensor=2")
+  params = BagelModel(bagel_7b_mot()).abstract_params()
+  specs = shd.param_specs(params, mesh, rules)
+  assert specs["bagel"]["llm"]["layers"]["gate_proj"]["kernel"] == P(None, None, ("fsdp", "tensor"))
+  with pytest.raises(shd.ShardingError, match="unknown logical axis 'mlps'"):
+    shd.rules_with({"mlps": "tensor"})
+  with pytest.raises(shd.ShardingError, match="'model' is not a mesh axis"):
+    shd.rules_with({"mlp": "model"})
