@@ -366,16 +366,24 @@ def _init_params(setup: Setup, model, vae_params, shardings, vae_shardings):
   src = config.init.checkpoint
   if src:
     folder = pathlib.Path(src)
+    abstract = model.abstract_params()
     if (folder / "state").is_dir():
+      # Each device reads only its own slices, straight into the target shardings.
       from bagel_jax.checkpoint import load_checkpoint
-      params = load_checkpoint(folder)
+      params = load_checkpoint(folder, shardings={"bagel": shardings, "vae": vae_shardings})
     elif (folder / "ema.safetensors").is_file():
-      params = model.load_upstream(folder)
+      from bagel_jax import weights
+      from bagel_jax.config import load_config
+      if load_config(folder).llm != model.cfg.llm or load_config(folder).vit != model.cfg.vit:
+        raise TrainConfigError(f"init.checkpoint={src}: its llm/vit configs differ from the model's "
+                               "(set model.checkpoint to the same folder)")
+      params = weights.load_upstream(folder, model.cfg, abstract)  # host arrays, placed below
     else:
       raise TrainConfigError(f"init.checkpoint={src}: neither a converted Orbax folder (state/) nor a release "
                              "folder (ema.safetensors)")
-    bagel = jax.device_put(jax.tree.map(lambda x: x.astype(model.param_dtype), params["bagel"]), shardings)
-    vae = params["vae"] if vae_params is None else vae_params
+    cast = lambda x, a: x.astype(a.dtype)  # noqa: E731  (master weights in param_dtype)
+    bagel = jax.device_put(jax.tree.map(cast, params["bagel"], abstract["bagel"]), shardings)
+    vae = jax.tree.map(cast, params["vae"], abstract["vae"]) if vae_params is None else vae_params
     return bagel, jax.device_put(vae, vae_shardings)
 
   seed = int(config.train.seed)

@@ -212,7 +212,7 @@ def test_plan_tiny_reports_memory():
 
 
 def test_train_step_constrains_the_residual_stream():
-  """The LLM and ViT residual streams are constrained to the batch sharding at each layer boundary."""
+  """The LLM residual stream is constrained to the batch sharding at each layer boundary."""
   model, params = tiny_model(), tiny_params()
   mesh = shd.make_mesh("data=2,fsdp=4")
   batch = tiny_batch(model.cfg, ROWS, 0)

@@ -85,3 +85,29 @@ def test_init_from_release_folder(tmp_path, fixture_dir):
   ref = model.load_upstream(fixture_dir)
   for got, want in ((bagel, ref["bagel"]), (vae, ref["vae"])):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+
+
+def test_init_from_converted_orbax_folder(tmp_path, fixture_dir):
+  """init.checkpoint may be a folder converted by convert.safetensors_to_orbax: same parameters, placed by the rules."""
+  from bagel_jax import sharding as shd
+  from convert.safetensors_to_orbax import convert
+  converted = tmp_path / "orbax"
+  convert(fixture_dir, converted, progress=False)
+  spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.model.checkpoint = c.init.checkpoint = str(converted)
+  for g in c.data.groups.values():
+    g.data_dir = str(tmp_path / "tfds")
+  setup = train.prepare(c, tmp_path / "w")
+  model = BagelModel(setup.model_cfg)
+  mesh = shd.make_mesh("fsdp=4,tensor=2")
+  abstract = model.abstract_params()
+  sh = shd.param_shardings(abstract["bagel"], mesh)
+  repl = jax.sharding.NamedSharding(mesh, jax.P())
+  bagel, vae = train._init_params(setup, model, None, sh, jax.tree.map(lambda _: repl, abstract["vae"]))
+  ref = model.load_upstream(fixture_dir)
+  for got, want in ((bagel, ref["bagel"]), (vae, ref["vae"])):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+  assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s and a.dtype == jax.numpy.float32, bagel, sh))

@@ -23,8 +23,8 @@ from bagel_jax.config import LLMConfig
 from bagel_jax.model.embeddings import apply_rope, rope_cos_sin
 from bagel_jax.sharding import constrain
 
-# Logical names of the residual stream [B, T, D]; constrained at every layer boundary (a no-op
-# unless a train/sampler step traces under `sharding.use_rules`).
+# Logical names of the LLM residual stream [B, T, D]; constrained at every layer boundary (a no-op
+# unless a train/sampler step traces under `sharding.use_rules`; costs nothing in the 7B plan).
 RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 NUM_EXPERTS = 2
