@@ -188,6 +188,9 @@ def make_pipeline(data_cfg, model_cfg: BagelConfig, tokenizer, *, seed: int, pro
   mixed = iters[0] if len(iters) == 1 else grain.IterDataset.mix(iters, weights)
   workers = int(data_cfg.get("workers", 0))
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads its absl flags in mp_prefetch (notebooks, tests)
+      flags.FLAGS.mark_as_parsed()
     mixed = mixed.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return PackBatches(mixed, pack_spec(data_cfg, model_cfg, rows // process_count))
 

@@ -202,7 +202,11 @@ def _builder_cls():
     def _generate_examples(self, *args):  # the generators above are passed directly
       raise NotImplementedError
 
-  return BagelShapes
+  # Module-level names, so that pickle (grain's worker processes) refers to the classes instead of
+  # rebuilding them by value, which would register the dataset name with TFDS a second time.
+  for c in (ShapesConfig, BagelShapes):
+    c.__qualname__ = c.__name__
+  return ShapesConfig, BagelShapes
 
 
-BagelShapes = _builder_cls()
+ShapesConfig, BagelShapes = _builder_cls()
