@@ -88,6 +88,23 @@ class TrainConfigError(ValueError):
   """A config the trainer refuses before building anything."""
 
 
+def check_mesh(config) -> None:
+  """train.mesh fits the devices and data.rows splits over the batch axes (no compilation)."""
+  from bagel_jax import sharding as shd
+  rules = sharding_rules(config)
+  try:
+    mesh = shd.make_mesh(config.train.mesh or None)
+  except shd.ShardingError as e:
+    raise TrainConfigError(f"train.mesh={config.train.mesh!r}: {e}") from None
+  spec = shd.logical_to_spec(("batch",), rules, mesh, None)
+  n = 1
+  for a in ((spec[0],) if isinstance(spec[0], str) else spec[0] or ()) if spec else ():
+    n *= mesh.shape[a]
+  if int(config.data.rows) % n:
+    raise TrainConfigError(f"data.rows={config.data.rows} does not split over the batch mesh axes "
+                           f"({shd.describe(mesh)}: {n} shards); set data.rows to a multiple of {n} or change train.mesh")
+
+
 def sharding_rules(config):
   """sharding.DEFAULT_RULES with `train.sharding_rules` applied (config data, checked in `prepare`)."""
   from bagel_jax import sharding as shd
@@ -174,6 +191,7 @@ def prepare(config, workdir) -> Setup:
   check_tokenizer(tok, cfg)
   data = pipeline.make_pipeline(config.data, cfg, tok, seed=int(config.data.seed),
                                 process_index=jax.process_index(), process_count=jax.process_count())
+  check_mesh(config)
   if config.vae_stage.steps and config.vae_stage.group not in config.data.groups:
     raise TrainConfigError(f"vae_stage.group={config.vae_stage.group!r} is not a data group "
                            f"({sorted(config.data.groups)})")

@@ -18,6 +18,7 @@ import pytest
 
 from bagel_jax import train
 from bagel_jax.data.sources import DataError
+from bagel_jax.sharding import ShardingError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -112,4 +113,21 @@ def test_bad_values(tmp_path, no_compile):
   c = _config(g)
   c.model.preset = "huge"
   with pytest.raises(train.TrainConfigError, match="model.preset='huge'"):
+    train.run(c, tmp_path / "w")
+
+
+def test_mesh_and_rows_mismatch(tmp_path, no_compile):
+  schema = pa.schema([("image", pa.binary()), ("captions", pa.string())])
+  _parquet(tmp_path / "one.parquet", [{"image": b"x", "captions": "{}"}], schema)
+  c = _config({"t2i": dict(format="t2i_parquet", path=str(tmp_path), weight=1.0)}, rows=4)
+  c.train.mesh = "data=2,fsdp=4"  # 8 batch shards for 4 rows
+  with pytest.raises(train.TrainConfigError, match=r"^data.rows=4 does not split over the batch mesh axes "
+                                                   r"\(data=2 x fsdp=4 x tensor=1: 8 shards\)"):
+    train.run(c, tmp_path / "w")
+  c.train.mesh = "fsdp=3"
+  with pytest.raises(train.TrainConfigError, match=r"^train.mesh='fsdp=3': mesh .* needs 3 devices, 8 are available"):
+    train.run(c, tmp_path / "w")
+  c.train.mesh = "fsdp=8"
+  c.train.sharding_rules = {"mlp": "model"}
+  with pytest.raises(ShardingError, match="'model' is not a mesh axis"):
     train.run(c, tmp_path / "w")

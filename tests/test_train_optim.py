@@ -76,6 +76,7 @@ def test_init_from_release_folder(tmp_path, fixture_dir):
   c.model.checkpoint = c.init.checkpoint = str(fixture_dir)
   for g in c.data.groups.values():
     g.data_dir = str(tmp_path / "tfds")
+  c.train.mesh = "fsdp=2,tensor=4"  # 2 batch shards for the config's 2 rows (8 fake devices)
   setup = train.prepare(c, tmp_path / "w")
   model = BagelModel(setup.model_cfg)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -100,6 +101,7 @@ def test_init_from_converted_orbax_folder(tmp_path, fixture_dir):
   c.model.checkpoint = c.init.checkpoint = str(converted)
   for g in c.data.groups.values():
     g.data_dir = str(tmp_path / "tfds")
+  c.train.mesh = "fsdp=2,tensor=4"  # 2 batch shards for the config's 2 rows (8 fake devices)
   setup = train.prepare(c, tmp_path / "w")
   model = BagelModel(setup.model_cfg)
   mesh = shd.make_mesh("fsdp=4,tensor=2")
