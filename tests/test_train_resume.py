@@ -81,3 +81,46 @@ def test_exact_resume_after_kill(shared):
       assert a[step][k] == b[step][k], (step, k, a[step][k], b[step][k])
   # The data iterator resumed too: same sample counts per group.
   assert a[20]["samples/t2i"] == b[20]["samples/t2i"] and a[20]["samples/qa"] == b[20]["samples/qa"]
+
+
+def test_sigterm_saves_and_exits_cleanly(shared):
+  """SIGTERM mid-run: the step in flight finishes, a checkpoint of it is saved, exit status 0; the
+  same command then resumes from that step."""
+  root, data, cache = shared
+  work = root / "sigterm"
+  p = subprocess.Popen(train_cmd(work, data, "--config.train.steps=100000", "--config.train.save_every=100000",
+                                 "--config.train.log_every=1"),
+                       cwd=REPO, env=train_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while not ((work / "metrics.jsonl").is_file() and len((work / "metrics.jsonl").read_text().splitlines()) >= 3):
+    assert p.poll() is None, p.stderr.read()[-3000:]
+    assert time.time() < deadline, "the run never reached step 3"
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-3000:]
+  assert "stopped by signal" in err
+  saved = [int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3
+  step = saved[0]
+  r = subprocess.run(train_cmd(work, data, f"--config.train.steps={step + 2}", "--config.train.log_every=1"),
+                     cwd=REPO, env=train_env(cache), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"at step {step}" in r.stderr and "resumed" in r.stderr
+  assert max(losses(work)) == step + 2
+
+
+def test_nonfinite_streak_stops_the_run(shared):
+  """Every loss non-finite (a NaN CE weight): updates are skipped and counted, and after
+  train.max_nonfinite_streak in a row the run stops with a one-line message and exit status 2."""
+  root, data, cache = shared
+  work = root / "nan"
+  r = subprocess.run(train_cmd(work, data, "--config.train.ce_weight=nan", "--config.train.max_nonfinite_streak=3",
+                               "--config.train.log_every=1"),
+                     cwd=REPO, env=train_env(cache), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      "bagel_jax.train: error: 3 steps in a row had a non-finite loss or gradient (last at step 3); stopping. "
+      "Lower the learning rate or check the data.")
+  logged = losses(work)
+  assert [logged[s]["nonfinite_updates"] for s in sorted(logged)] == [1, 2]
