@@ -197,6 +197,9 @@ def prepare(config, workdir) -> Setup:
                            f"({sorted(config.data.groups)})")
   if config.eval.kind not in ("", "shapes"):
     raise TrainConfigError(f"eval.kind={config.eval.kind!r}: expected '' or 'shapes'")
+  if config.eval.kind and jax.process_count() > 1:
+    raise TrainConfigError(f"eval.kind={config.eval.kind!r} runs in a single process; set --config.eval.kind= "
+                           "for multi-process runs and evaluate the checkpoint afterwards")
   return Setup(config, workdir, cfg, tok, data, pipeline.group_names(config.data))
 
 
@@ -297,8 +300,9 @@ def vae_stage(setup: Setup):
   stats = {"shift_factor": float(zs.mean()), "scale_factor": float(1.0 / max(zs.std(), 1e-6)),
            "recon_mse": rec_mse, "steps": int(vs.steps), "images": n, "seconds": round(time.time() - t0, 1)}
   _log.info("VAE stage done: %s", stats)
-  if jax.process_index() == 0:  # every process trained the same VAE (same seed and data)
-    checkpointing.save_params(out, params)
+  # Every process trained the same VAE (same seed and data). The parameters are saved to `out` by
+  # `run` from all processes at once (Orbax's saves are collective); the stats file by process 0.
+  if jax.process_index() == 0:
     stats_file.write_text(json.dumps(stats, indent=1))
   return params, stats
 
@@ -515,7 +519,7 @@ def run(config, workdir) -> dict:
     t0 = time.time()
     bagel, vae_params = _init_params(setup, model, vae_params, param_sh, vae_sh)
     _log.info("parameters ready (%.1fs)", time.time() - t0)
-    if is_main and not vae_file.exists():
+    if not _all_agree(vae_file.exists()):  # Orbax saves are collective: every process takes part
       checkpointing.save_params(vae_file, vae_params)
       _log.info("saved the VAE parameters (%.1fs)", time.time() - t0)
     init = ts.jit_init_train_state(tx, mesh, state_sh, ema)
@@ -582,7 +586,11 @@ def run(config, workdir) -> dict:
         batch = ts.TrainBatch(layout=arrays["layout"], vit_patches=arrays["vit_patches"],
                               vae_images=arrays["vae_images"])
         if step_fn is None:
-          batch_sh = shd.batch_shardings(jax.eval_shape(lambda b: b, batch), mesh, rules)
+          # This process holds rows / process_count of the global batch: shard the global shape.
+          n_proc = jax.process_count()
+          global_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * n_proc,) + x.shape[1:], x.dtype),
+                                      jax.eval_shape(lambda b: b, batch))
+          batch_sh = shd.batch_shardings(global_batch, mesh, rules)
           step_fn = ts.jit_train_step(model, tx, hp, mesh, rules, state_sh, batch_sh, vae_sh)
           t0 = time.time()
           _log.info("compiling the train step (%s rows x %d tokens)", arrays["layout"].token_kind.shape[0],
@@ -627,6 +635,16 @@ def run(config, workdir) -> dict:
   if is_main:
     (workdir / "result.json").write_text(json.dumps(result, indent=1, default=str))
   return result
+
+
+def _all_agree(flag: bool) -> bool:
+  """Process 0's answer on every process (a file-system check may race with another process's write)."""
+  import jax
+  import numpy as np
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _tokens_sq(layout) -> float:

@@ -57,3 +57,38 @@ def test_two_processes_train_save_restore(tmp_path):
     np.testing.assert_allclose(got[f"params/{k}"], x, atol=PARAM_ATOL, err_msg=k)
     np.testing.assert_array_equal(got[f"restored/{k}"], got[f"params/{k}"], err_msg=k)
   assert (tmp_path / "ckpt" / "3").is_dir()
+
+
+def test_train_cli_on_two_processes(tmp_path):
+  """The README's local launch: `python -m bagel_jax.train` in 2 processes x 4 CPU devices
+  (data=2 x fsdp=4, each process feeding its half of the rows), saving from all processes, then
+  the same command resumes from the last checkpoint."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and "PROXY" not in k.upper()}
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  work = tmp_path / "run"
+
+  def launch(steps: int) -> str:
+    cmd = ["bash", str(LAUNCH), "2", "--cpu", "4", "--", sys.executable, "-m", "bagel_jax.train",
+           "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(work),
+           f"--config.data.groups.t2i.data_dir={tmp_path / 'tfds'}", f"--config.data.groups.qa.data_dir={tmp_path / 'tfds'}",
+           "--config.train.mesh=data=2,fsdp=4", "--config.data.rows=8", f"--config.train.steps={steps}",
+           "--config.train.save_every=2", "--config.train.log_every=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, PORT=str(_free_port())), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+      log, _ = proc.communicate(timeout=300)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+  log = launch(2)
+  assert "[0]" in log and "[1]" in log and "mesh data=2 x fsdp=4" in log
+  assert sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit()) == [2]
+  log = launch(4)
+  assert "[0]" in log and "resumed from" in log and "at step 2" in log
+  import json
+  steps = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in steps] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in steps)

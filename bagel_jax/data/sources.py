@@ -157,14 +157,27 @@ def tfds_source(name: str, split: str, data_dir: str | None, build: bool = False
   else:
     if data_dir and not build and not pathlib.Path(data_dir).is_dir():
       raise DataError(f"{data_dir}: dataset path does not exist")
-    try:
-      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as e:  # noqa: BLE001
-      raise DataError(f"TFDS dataset {name!r}: {e}".splitlines()[0]) from None
+    def open_builder():
+      try:
+        return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+      except Exception as e:  # noqa: BLE001
+        raise DataError(f"TFDS dataset {name!r}: {e}".splitlines()[0]) from None
+
+    builder = open_builder()
+    if build:
+      # Processes take turns, so a shared data_dir is built once (the others then find it
+      # prepared) and per-host disks are each built by their own process.
+      import jax
+      from jax.experimental import multihost_utils
+      n = jax.process_count()
+      for turn in range(n):
+        if turn == jax.process_index() and not _prepared(builder):
+          builder.download_and_prepare(file_format="array_record")
+        if n > 1:
+          multihost_utils.sync_global_devices(f"bagel_jax tfds {name} {turn}")
+          builder = open_builder()
     if not _prepared(builder):
-      if not build:
-        raise DataError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir}")
-      builder.download_and_prepare(file_format="array_record")
+      raise DataError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir}")
   if split not in builder.info.splits:
     raise DataError(f"TFDS dataset {name!r} has no split {split!r} (has {sorted(builder.info.splits)})")
   src = builder.as_data_source(split=split)
