@@ -383,9 +383,10 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   param_dtype = jnp.dtype(_get(config, "model.param_dtype", default="float32"))
   dtype = jnp.dtype(_get(config, "model.dtype", default="bfloat16"))
   ema_decay = float(_get(config, "train.ema_decay", default=0.9999)) or None
-  rules = shd.DEFAULT_RULES
+  overrides = _get(config, "train.sharding_rules", default=None)  # as the trainer applies them
+  rules = shd.rules_with(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
   mesh = shd.make_mesh(mesh_spec)
-  rows = rows_per_shard * mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = rows_per_shard * shd.batch_shards(mesh, rules)
   full_layers = cfg.llm.num_hidden_layers
 
   def build(n_layers: int, attn: str):

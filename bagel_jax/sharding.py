@@ -295,11 +295,17 @@ def batch_spec(ndim: int, rules: Rules = DEFAULT_RULES, mesh: Mesh | None = None
   return logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape)
 
 
+def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """Into how many pieces the 'batch' rule splits the global batch on this mesh."""
+  spec = logical_to_spec(("batch",), rules, mesh, None)
+  return _axes_size(mesh, spec[0] if spec else None)
+
+
 def batch_shardings(batch: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   """Every leaf sharded on its leading (global batch) axis by the 'batch' rule."""
   def one(x):
     spec = logical_to_spec(("batch",) + (None,) * (len(x.shape) - 1), rules, mesh, None)
-    if x.shape and spec and x.shape[0] % _axes_size(mesh, spec[0]):
+    if x.shape and spec and x.shape[0] % batch_shards(mesh, rules):
       raise ShardingError(f"global batch {x.shape[0]} is not divisible by the batch mesh axes {spec[0]}")
     return NamedSharding(mesh, spec)
   return jax.tree.map(one, batch)
@@ -438,7 +444,7 @@ def describe(mesh: Mesh) -> str:
 __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "PARAM_AXES", "Rules", "ShardingError", "parse_mesh", "make_mesh",
     "logical_to_spec", "param_logical_axes", "logical_axes", "param_specs", "param_shardings",
-    "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shardings", "abstract_with_shardings",
+    "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shards", "batch_shardings", "abstract_with_shardings",
     "use_rules", "constrain", "MeshBound", "rules_with", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
     "host_local_to_global", "describe",
 ]

@@ -96,10 +96,7 @@ def check_mesh(config) -> None:
     mesh = shd.make_mesh(config.train.mesh or None)
   except shd.ShardingError as e:
     raise TrainConfigError(f"train.mesh={config.train.mesh!r}: {e}") from None
-  spec = shd.logical_to_spec(("batch",), rules, mesh, None)
-  n = 1
-  for a in ((spec[0],) if isinstance(spec[0], str) else spec[0] or ()) if spec else ():
-    n *= mesh.shape[a]
+  n = shd.batch_shards(mesh, rules)
   if int(config.data.rows) % n:
     raise TrainConfigError(f"data.rows={config.data.rows} does not split over the batch mesh axes "
                            f"({shd.describe(mesh)}: {n} shards); set data.rows to a multiple of {n} or change train.mesh")
@@ -185,7 +182,6 @@ def prepare(config, workdir) -> Setup:
     raise TrainConfigError(f"model.remat={config.model.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
   if config.model.attention not in IMPLS:
     raise TrainConfigError(f"model.attention={config.model.attention!r}: expected one of {IMPLS}")
-  sharding_rules(config)
   cfg = model_config(config)
   tok = load_tokenizer(config.tokenizer)
   check_tokenizer(tok, cfg)
@@ -396,7 +392,8 @@ def _init_params(setup: Setup, model, vae_params, shardings, vae_shardings):
     elif (folder / "ema.safetensors").is_file():
       from bagel_jax import weights
       from bagel_jax.config import load_config
-      if load_config(folder).llm != model.cfg.llm or load_config(folder).vit != model.cfg.vit:
+      release = load_config(folder)
+      if release.llm != model.cfg.llm or release.vit != model.cfg.vit:
         raise TrainConfigError(f"init.checkpoint={src}: its llm/vit configs differ from the model's "
                                "(set model.checkpoint to the same folder)")
       params = weights.load_upstream(folder, model.cfg, abstract)  # host arrays, placed below

@@ -68,24 +68,32 @@ def test_upstream_adamw_defaults():
   assert (c.b1, c.b2, c.eps, c.weight_decay, c.clip) == (0.9, 0.95, 1e-15, 0.0, 1.0)
 
 
-def test_init_from_release_folder(tmp_path, fixture_dir):
+def _tiny_setup(tmp_path, checkpoint) -> train.Setup:
+  """configs/tiny.py with `checkpoint` as model and init checkpoint, prepared (nothing compiled)."""
   spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
-  c.model.checkpoint = c.init.checkpoint = str(fixture_dir)
+  c.model.checkpoint = c.init.checkpoint = str(checkpoint)
   for g in c.data.groups.values():
     g.data_dir = str(tmp_path / "tfds")
   c.train.mesh = "fsdp=2,tensor=4"  # 2 batch shards for the config's 2 rows (8 fake devices)
-  setup = train.prepare(c, tmp_path / "w")
+  return train.prepare(c, tmp_path / "w")
+
+
+def _assert_same_params(bagel, vae, ref):
+  for got, want in ((bagel, ref["bagel"]), (vae, ref["vae"])):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+
+
+def test_init_from_release_folder(tmp_path, fixture_dir):
+  setup = _tiny_setup(tmp_path, fixture_dir)
   model = BagelModel(setup.model_cfg)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = model.abstract_params()
   bagel, vae = train._init_params(setup, model, None, jax.tree.map(lambda _: dev, abstract["bagel"]),
                                   jax.tree.map(lambda _: dev, abstract["vae"]))
-  ref = model.load_upstream(fixture_dir)
-  for got, want in ((bagel, ref["bagel"]), (vae, ref["vae"])):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+  _assert_same_params(bagel, vae, model.load_upstream(fixture_dir))
 
 
 def test_init_from_converted_orbax_folder(tmp_path, fixture_dir):
@@ -94,22 +102,12 @@ def test_init_from_converted_orbax_folder(tmp_path, fixture_dir):
   from convert.safetensors_to_orbax import convert
   converted = tmp_path / "orbax"
   convert(fixture_dir, converted, progress=False)
-  spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.model.checkpoint = c.init.checkpoint = str(converted)
-  for g in c.data.groups.values():
-    g.data_dir = str(tmp_path / "tfds")
-  c.train.mesh = "fsdp=2,tensor=4"  # 2 batch shards for the config's 2 rows (8 fake devices)
-  setup = train.prepare(c, tmp_path / "w")
+  setup = _tiny_setup(tmp_path, converted)
   model = BagelModel(setup.model_cfg)
   mesh = shd.make_mesh("fsdp=4,tensor=2")
   abstract = model.abstract_params()
   sh = shd.param_shardings(abstract["bagel"], mesh)
   repl = jax.sharding.NamedSharding(mesh, jax.P())
   bagel, vae = train._init_params(setup, model, None, sh, jax.tree.map(lambda _: repl, abstract["vae"]))
-  ref = model.load_upstream(fixture_dir)
-  for got, want in ((bagel, ref["bagel"]), (vae, ref["vae"])):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+  _assert_same_params(bagel, vae, model.load_upstream(fixture_dir))
   assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s and a.dtype == jax.numpy.float32, bagel, sh))
