@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bagel_jax import weights
+from bagel_jax.weights import table as weights
 from bagel_jax.config import BagelConfig, load_config
 from bagel_jax.layout import Layout
 from bagel_jax.model.autoencoder import AutoEncoder

@@ -9,10 +9,11 @@
    text-to-image (caption -> 4 x 4 latent tokens, flow matching, timestep shift 3) and visual
    question answering (all of an image's questions as one multi-turn conversation);
 4. evaluates: images generated for caption combinations never seen in training, read back by
-   image analysis, and answers to questions about test images (bagel_jax/evaluate.py).
+   image analysis, and answers to questions about test images (bagel_jax/eval/shapes.py).
 """
 
 from bagel_jax.train import base_config
+from configs.common import shapes_groups
 
 
 def get_config():
@@ -20,11 +21,7 @@ def get_config():
   c.model.preset = "shapes"
   c.model.attention = "reference"
   c.tokenizer = "shapes"
-  shapes = dict(format="tfds", name="bagel_shapes", split="train", data_dir="", image_key="image")
-  c.data.groups = {
-      "t2i": dict(shapes, task="t2i", caption_key="caption", weight=2.0),
-      "qa": dict(shapes, task="qa", qa_key="qa", qa_turns="all", weight=1.0),
-  }
+  c.data.groups = shapes_groups("bagel_shapes", t2i_weight=2.0, qa_turns="all")
   c.data.rows = 4
   c.data.capacity = dict(tokens=128, und=128, gen=80, vit=80, vae=80, ce=40, vae_images=5)
   c.data.expected_tokens = 112

@@ -6,6 +6,7 @@ Used by the tests (exact resume, bad input); trains a few steps in well under a 
 """
 
 from bagel_jax.train import base_config
+from configs.common import shapes_groups
 
 
 def get_config():
@@ -13,11 +14,7 @@ def get_config():
   c.model.preset = "tiny"
   c.model.attention = "reference"
   c.tokenizer = "shapes"
-  shapes = dict(format="tfds", name="bagel_shapes/small", split="train", data_dir="", image_key="image")
-  c.data.groups = {
-      "t2i": dict(shapes, task="t2i", caption_key="caption", weight=1.0),
-      "qa": dict(shapes, task="qa", qa_key="qa", weight=1.0),
-  }
+  c.data.groups = shapes_groups("bagel_shapes/small")
   c.data.rows = 2
   c.data.capacity = dict(tokens=64, und=64, gen=32, vit=16, vae=32, ce=24, vae_images=2)
   c.data.expected_tokens = 64

@@ -23,9 +23,10 @@ from convert.safetensors_to_orbax import Progress, Summary, main_wrapper
 def export(src, dst, *, overwrite: bool = False, progress: bool = True,
            on_tensor: Callable[[str, int], None] | None = None) -> Summary:
   """Streams an Orbax checkpoint folder (from `convert.safetensors_to_orbax`) to safetensors."""
-  from bagel_jax import weights as W
-  from bagel_jax.checkpoint import (STATE_DIR, ST_DTYPES, AtomicDir, OrbaxState, SafetensorsWriter,
-                                    check_destination, release_freed_buffers, side_files)
+  from bagel_jax.weights import table as W
+  from bagel_jax.weights.orbax_stream import STATE_DIR, OrbaxState, release_freed_buffers
+  from bagel_jax.weights.safetensors_io import ST_DTYPES, SafetensorsWriter
+  from bagel_jax.weights.folders import AtomicDir, check_destination, side_files
   from bagel_jax.config import load_config
 
   t0 = time.perf_counter()

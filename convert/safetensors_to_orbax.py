@@ -90,9 +90,10 @@ def main_wrapper(fn, argv) -> int:
 # ----------------------------------------------------------------------------- conversion
 def _plan(src: pathlib.Path, cfg, dtype, allow_extra: bool):
   """Validates the release folder and builds the tree of StreamedArrays to write."""
-  from bagel_jax import weights as W
+  from bagel_jax.weights import table as W
   from bagel_jax.api import BagelModel
-  from bagel_jax.checkpoint import Piece, SafetensorsFile, StreamedArray, np_dtype
+  from bagel_jax.weights.orbax_stream import Piece, StreamedArray
+  from bagel_jax.weights.safetensors_io import SafetensorsFile, np_dtype
 
   abstract = BagelModel(cfg).abstract_params()
   files = W.UpstreamFiles(src)
@@ -148,8 +149,10 @@ def convert(src, dst, *, dtype: str | None = None, allow_extra: bool = False, ov
   as in the release, bf16 for ema and f32 for ae).  `on_piece(key, nbytes)` is called
   after each tensor is written (from the writer thread).
   """
-  from bagel_jax.checkpoint import CONVERSION_FILE, FORMAT, STATE_DIR, AtomicDir, check_destination, save_streamed
-  from bagel_jax.checkpoint import release_freed_buffers, side_files
+  from bagel_jax.weights.orbax_stream import CONVERSION_FILE, FORMAT, STATE_DIR, save_streamed
+  from bagel_jax.weights.folders import AtomicDir, check_destination
+  from bagel_jax.weights.orbax_stream import release_freed_buffers
+  from bagel_jax.weights.folders import side_files
   from bagel_jax.config import load_config
   from bagel_jax.weights import CheckpointError
 

@@ -43,7 +43,7 @@ def main() -> int:
   from jax.experimental import multihost_utils
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
+  from bagel_jax.train.step import init_train_state, jit_init_train_state, jit_train_step
   from tests.train_fixtures import FAST_COMPILE, HP, ROWS, tiny_batch, tiny_model, tx
 
   assert jax.process_count() == 2 and jax.device_count() == 8, (jax.process_count(), jax.device_count())

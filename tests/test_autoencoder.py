@@ -8,7 +8,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from bagel_jax import weights
+from bagel_jax.weights import table as weights
 from bagel_jax.config import BagelConfig, VAEConfig, load_config
 from bagel_jax.model.autoencoder import AutoEncoder, latent_mean, sample_latents
 from tests.conftest import FIXTURE_DIR, rel_err

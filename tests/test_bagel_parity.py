@@ -1,7 +1,6 @@
 """Parity of the packed training forward with upstream on the bagel_tiny_a fixture (float32)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

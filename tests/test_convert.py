@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax import weights as W
+from bagel_jax.weights import table as W
 from bagel_jax.bench.convert import PRESETS, scaled_config, write_synthetic_release
-from bagel_jax.checkpoint import (CONVERSION_FILE, STATE_DIR, OrbaxState, SafetensorsFile, SafetensorsWriter,
-                                  fsdp_shardings, load_checkpoint, read_safetensors)
+from bagel_jax.weights.orbax_stream import CONVERSION_FILE, STATE_DIR, OrbaxState
+from bagel_jax.weights.safetensors_io import SafetensorsFile, SafetensorsWriter, read_safetensors
+from bagel_jax.weights.load import fsdp_shardings, load_checkpoint
 from bagel_jax.config import load_config
 from convert.orbax_to_safetensors import export
 from convert.safetensors_to_orbax import convert, main_wrapper, main as convert_main

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from bagel_jax.checkpoint import SafetensorsWriter, read_safetensors
+from bagel_jax.weights.safetensors_io import SafetensorsWriter, read_safetensors
 from convert.orbax_to_safetensors import export, main as export_main
 from convert.safetensors_to_orbax import convert, main as convert_main, main_wrapper
 
@@ -131,7 +131,7 @@ def test_header_offsets_that_lie(tmp_path, capsys):
 
 
 def test_header_offsets_that_lie_are_caught_by_our_reader_too(tmp_path):
-  from bagel_jax.checkpoint import SafetensorsFile
+  from bagel_jax.weights.safetensors_io import SafetensorsFile
   from bagel_jax.weights import CheckpointError
 
   path = tmp_path / "ema.safetensors"

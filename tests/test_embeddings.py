@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from bagel_jax import weights
+from bagel_jax.weights import table as weights
 from bagel_jax.config import load_config
 from bagel_jax.model.embeddings import (FrozenTable, TimestepEmbedder, apply_rope, rope_cos_sin, sincos_2d_table,
                                         timestep_frequencies)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from bagel_jax import chat, generate
+from bagel_jax.inference import chat, generate
 from bagel_jax.api import BagelModel
 from bagel_jax.config import load_config
-from bagel_jax.inference import ImageInput, InferenceError, Inferencer, load_image, load_tokenizer
+from bagel_jax.inference import ImageInput, InferenceError, Inferencer, TokenizerError, load_image, load_tokenizer
 from tests.conftest import FIXTURE_DIR
 
 TOKENIZER = FIXTURE_DIR.parent / "tokenizer" / "tokenizer.json"
@@ -67,12 +67,12 @@ def test_bad_settings(inf):
 
 
 def test_missing_tokenizer_is_named(tmp_path):
-  with pytest.raises(InferenceError) as e:
+  with pytest.raises(TokenizerError) as e:
     load_tokenizer(tmp_path)
   assert str(tmp_path / "tokenizer.json") in _one_line(e)
   bad = tmp_path / "tok.json"
   bad.write_text("{not json")
-  with pytest.raises(InferenceError) as e:
+  with pytest.raises(TokenizerError) as e:
     load_tokenizer(bad)
   assert str(bad) in _one_line(e)
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from bagel_jax import chat, generate
+from bagel_jax.inference import chat, generate
 from tests.conftest import FIXTURE_DIR
 
 TOKENIZER = FIXTURE_DIR.parent / "tokenizer" / "tokenizer.json"

@@ -1,6 +1,5 @@
 """The compiled sampler: one compilation per size bucket, CFG rules, batching."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Understanding with a KV cache: parity with upstream (fixture case und/), batching, sampling, tokenizer."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from bagel_jax.api import BagelModel
 from bagel_jax.config import load_config
 from bagel_jax.inference import ImageInput, Inferencer, load_tokenizer
 from bagel_jax.inference.text import filter_logits
-from bagel_jax.inference.tokenizer import strip_generated
+from bagel_jax.inference.text import strip_generated
 from tests.conftest import FIXTURE_DIR, rel_err
 
 TOL = 1e-4  # CASES.md: max(1e-4, 10 x the float32 noise floor 3.4e-7)

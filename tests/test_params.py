@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from bagel_jax import weights
+from bagel_jax.weights import table as weights
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_7b_mot, bagel_tiny, load_config
 from tests.conftest import FIXTURE_DIR

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bagel_jax import sharding as shd
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_7b_mot
-from bagel_jax.train_step import init_train_state, jit_init_train_state, jit_train_step
+from bagel_jax.train.step import init_train_state, jit_init_train_state, jit_train_step
 from tests.train_fixtures import (FAST_COMPILE, HP, ROWS, reference_run, tiny_batch, tiny_model, tiny_params,
                                   tiny_tx, tx)
 
@@ -87,7 +87,7 @@ def test_unknown_parameter_is_an_error():
 def test_optimizer_state_mirrors_parameters():
   from ml_collections import ConfigDict
 
-  from bagel_jax.optim import make_optimizer
+  from bagel_jax.train.optim import make_optimizer
   mesh = shd.make_mesh("fsdp=4,tensor=2")
   p = tiny_params()["bagel"]
   ocfg = ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", min_lr=0.0, b1=0.9, b2=0.95, eps=1e-15,
@@ -175,7 +175,7 @@ def test_flash_xla_stand_in_matches_reference():
   import jax.numpy as jnp
 
   from bagel_jax.attention.reference import reference_attention
-  from bagel_jax.plan import flash_xla_attention
+  from bagel_jax.attention.flash_xla import attention as flash_xla_attention
   lay = tiny_batch(tiny_model().cfg, 2, 0).layout
   b, t = lay.k_start.shape
   r = np.random.default_rng(0)
@@ -196,7 +196,7 @@ def test_flash_xla_stand_in_matches_reference():
 
 def test_plan_tiny_reports_memory():
   from bagel_jax import layout as L
-  from bagel_jax.plan import RowMix, model_flops, plan, visible_pairs
+  from bagel_jax.train.plan import RowMix, model_flops, plan, visible_pairs
   lay = tiny_batch(tiny_model().cfg, 1, 0).layout
   assert visible_pairs(lay, block=7) == int(L.dense_mask_np(lay).sum())
   assert model_flops(tiny_model().cfg, lay, 2)["model_flops"] == 2 * model_flops(tiny_model().cfg, lay, 1)["model_flops"]

@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from bagel_jax import image as I
-from bagel_jax import weights
+from bagel_jax.weights import table as weights
 from bagel_jax.config import ViTConfig, bagel_7b_mot, load_config
 from bagel_jax.model.connector import MLPConnector
 from bagel_jax.model.embeddings import TimestepEmbedder

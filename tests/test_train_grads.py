@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from bagel_jax import layout as L
-from bagel_jax import train_step as ts
+from bagel_jax.train import step as ts
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_tiny
 from bagel_jax.data.packing import PackSpec, assemble

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax import optim, train
+from bagel_jax import train
+from bagel_jax.train import loop, optim
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_tiny
 
@@ -91,7 +92,7 @@ def test_init_from_release_folder(tmp_path, fixture_dir):
   model = BagelModel(setup.model_cfg)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = model.abstract_params()
-  bagel, vae = train._init_params(setup, model, None, jax.tree.map(lambda _: dev, abstract["bagel"]),
+  bagel, vae = loop.init_params(setup, model, None, jax.tree.map(lambda _: dev, abstract["bagel"]),
                                   jax.tree.map(lambda _: dev, abstract["vae"]))
   _assert_same_params(bagel, vae, model.load_upstream(fixture_dir))
 
@@ -108,6 +109,6 @@ def test_init_from_converted_orbax_folder(tmp_path, fixture_dir):
   abstract = model.abstract_params()
   sh = shd.param_shardings(abstract["bagel"], mesh)
   repl = jax.sharding.NamedSharding(mesh, jax.P())
-  bagel, vae = train._init_params(setup, model, None, sh, jax.tree.map(lambda _: repl, abstract["vae"]))
+  bagel, vae = loop.init_params(setup, model, None, sh, jax.tree.map(lambda _: repl, abstract["vae"]))
   _assert_same_params(bagel, vae, model.load_upstream(fixture_dir))
   assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s and a.dtype == jax.numpy.float32, bagel, sh))

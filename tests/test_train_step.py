@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.model.bagel import shift_timesteps
-from bagel_jax.train_step import StepConfig, TrainState, flow_batch, frozen_mask
+from bagel_jax.train.step import StepConfig, TrainState, flow_batch, frozen_mask
 from tests.train_fixtures import FAST_COMPILE, HP, ROWS, fresh_state, single_device_step, tiny_batch, tiny_model, tiny_params
 
 
@@ -104,7 +104,7 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_no_ema_state():
-  from bagel_jax.train_step import init_train_state
+  from bagel_jax.train.step import init_train_state
   from tests.train_fixtures import tx
   s = init_train_state(tiny_params()["bagel"], tx(), jax.random.key(0), ema=False)
   assert s.ema is None and s.rng.dtype == jnp.uint32 and s.rng.shape == (2,)

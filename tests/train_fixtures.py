@@ -7,7 +7,7 @@ import optax
 
 from bagel_jax import layout as L
 from bagel_jax.config import BagelConfig
-from bagel_jax.train_step import TrainBatch
+from bagel_jax.train.step import TrainBatch
 
 TOKENS = 96
 VAE_IMAGES = 3
@@ -58,7 +58,7 @@ import jax  # noqa: E402
 
 from bagel_jax.api import BagelModel  # noqa: E402
 from bagel_jax.config import bagel_tiny  # noqa: E402
-from bagel_jax.train_step import StepConfig, init_train_state, train_step  # noqa: E402
+from bagel_jax.train.step import StepConfig, init_train_state, train_step  # noqa: E402
 
 ROWS = 8  # divisible by every batch sharding the tests use (data x fsdp = 4 or 8)
 # Tests compile with LLVM's cheap settings: same numbers, ~2.5x less compile time on CPU.

@@ -7,9 +7,10 @@ never repeated); k_start, k_end: [B, T] int32; q_start, q_end: [B, S] int32;
 q_positions: [B, T] int32 absolute query positions (default arange(T)).
 Rows with nothing visible return zeros.
 
-Backends: `reference` (dense XLA, the oracle), `xla_chunked` (online softmax over key chunks),
-`pallas_gpu` (Triton), `pallas_tpu` (Mosaic), `cudnn` (dense mask, a baseline), `decode` (XLA,
-a short query chunk against a long KV cache; forward only).  `impl="auto"` picks the fastest one
+Backends (`registry.BACKENDS`): `reference` (dense XLA, the oracle), `xla_chunked` (online
+softmax over key chunks), `flash_xla` (XLA with a flash-style custom VJP), `pallas_gpu` (Triton),
+`pallas_tpu` (Mosaic), `cudnn` (dense mask, a baseline), `decode` (XLA, a short query chunk
+against a long KV cache; forward only).  `impl="auto"` picks the fastest one
 that can run here (`choose_impl`) and logs the choice at debug level; a backend named explicitly
 that cannot run raises `BackendUnavailable` with the reason (no silent fallback).  The Pallas
 backends run on CPU in interpret mode: set `pallas_gpu.INTERPRET` / `pallas_tpu.INTERPRET`, or
@@ -18,63 +19,13 @@ call their `attention(..., interpret=True)` directly.
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Callable
 
 import jax
 
-from bagel_jax.attention import reference
-
-Backend = Callable[..., jax.Array]
-
-IMPLS = ("auto", "reference", "xla_chunked", "pallas_gpu", "pallas_tpu", "cudnn", "decode")
+from bagel_jax.attention.registry import IMPLS, BackendUnavailable, load, why_not
 
 _log = logging.getLogger(__name__)
-
-
-class BackendUnavailable(RuntimeError):
-  """A backend that was asked for by name cannot run here."""
-
-
-def _load(impl: str) -> Backend:
-  if impl == "reference":
-    return reference.reference_attention
-  if impl == "xla_chunked":
-    return reference.xla_chunked_attention
-  if impl == "pallas_gpu":
-    try:
-      from bagel_jax.attention import pallas_gpu
-    except ImportError as e:
-      raise BackendUnavailable(f"attention impl 'pallas_gpu' is not available: {e}") from None
-    return pallas_gpu.attention
-  if impl == "pallas_tpu":
-    try:
-      from bagel_jax.attention import pallas_tpu
-    except ImportError as e:
-      raise BackendUnavailable(f"attention impl 'pallas_tpu' is not available: {e}") from None
-    return pallas_tpu.attention
-  if impl == "cudnn":
-    try:
-      from bagel_jax.attention import cudnn
-    except ImportError as e:
-      raise BackendUnavailable(f"attention impl 'cudnn' is not available: {e}") from None
-    return cudnn.attention
-  if impl == "decode":
-    from bagel_jax.attention import decode
-    return decode.attention
-  raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-
-
-@functools.lru_cache(maxsize=None)
-def _why_not(impl: str) -> str | None:
-  """None if `impl` can run on the default devices, else the reason."""
-  try:
-    _load(impl)
-    module = __import__(f"bagel_jax.attention.{impl}", fromlist=["unavailable_reason"])
-  except (BackendUnavailable, ImportError) as e:
-    return str(e)
-  return module.unavailable_reason()
 
 
 def choose_impl(platform: str, t: int, s: int) -> str:
@@ -86,7 +37,7 @@ def choose_impl(platform: str, t: int, s: int) -> str:
   """
   for plat, impl in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")):
     if platform == plat:
-      reason = _why_not(impl)
+      reason = why_not(impl)
       if reason is None:
         return impl
       _log.debug("attention impl=auto: %s cannot run: %s", impl, reason)
@@ -109,5 +60,8 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, impl
   if impl == "auto":
     impl = choose_impl(jax.default_backend(), t, s)
     _log.debug("attention impl=auto chose %s for T=%d S=%d on %s", impl, t, s, jax.default_backend())
-  fn = _load(impl)
+  fn = load(impl)
   return fn(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale=scale)
+
+
+__all__ = ["IMPLS", "BackendUnavailable", "attention", "choose_impl"]

@@ -32,6 +32,25 @@ from bagel_jax.attention.mask import dense_mask, default_q_positions
 _BIG = 2**30
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelShape:
+  """The static shape of one kernel call: batch, lengths, heads, head dim (+ padded), padded lengths,
+  forward and backward tiles. Each Pallas backend extends it with its own launch settings."""
+  b: int
+  t: int
+  s: int
+  hq: int
+  hkv: int
+  d: int
+  dp: int
+  tp: int
+  sp: int
+  bq: int
+  bk: int
+  bq_bwd: int
+  bk_bwd: int
+
+
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bagel_jax.attention import blocks
-from bagel_jax.attention.api import BackendUnavailable
+from bagel_jax.attention.registry import BackendUnavailable
 from bagel_jax.attention.mask import dense_mask
 
 _PAD = 64

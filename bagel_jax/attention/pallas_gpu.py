@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bagel_jax.attention import blocks
-from bagel_jax.attention.api import BackendUnavailable
+from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the Pallas interpreter (CPU tests)
 
@@ -216,20 +216,7 @@ def _dkv_kernel(sched_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_ref, k_ref,
 # ----------------------------------------------------------------------------- wrappers
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  b: int
-  t: int
-  s: int
-  hq: int
-  hkv: int
-  d: int
-  dp: int
-  tp: int
-  sp: int
-  bq: int
-  bk: int
-  bq_bwd: int
-  bk_bwd: int
+class _Plan(blocks.KernelShape):
   num_warps: int
   num_stages: int
 

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from bagel_jax.attention import blocks
-from bagel_jax.attention.api import BackendUnavailable
+from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the TPU interpreter (CPU tests)
 
@@ -154,20 +154,7 @@ def _dq_kernel(sched_ref, full_ref, ks_ref, ke_ref, qp_ref, qs_ref, qe_ref, q_re
 # ----------------------------------------------------------------------------- wrappers
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  b: int
-  t: int
-  s: int
-  hq: int
-  hkv: int
-  d: int
-  dp: int
-  tp: int
-  sp: int
-  bq: int
-  bk: int
-  bq_bwd: int
-  bk_bwd: int
+class _Plan(blocks.KernelShape):
   vmem: int | None
 
 

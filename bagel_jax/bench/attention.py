@@ -139,13 +139,13 @@ def _time(fn, args, reps: int) -> tuple[float, float]:
 def _backend(impl: str):
   """(attention function, note) for a benchmark impl name; '+interpret' runs a Pallas kernel in
   the interpreter."""
-  from bagel_jax.attention import api
+  from bagel_jax.attention import registry
 
   if impl.endswith("+interpret"):
     base = impl.split("+")[0]
     mod = __import__(f"bagel_jax.attention.{base}", fromlist=["attention"])
     return functools.partial(mod.attention, interpret=True), "interpreter, not a kernel time"
-  fn = api._load(impl)
+  fn = registry.load(impl)
   return fn, ""
 
 

@@ -88,7 +88,7 @@ def write_configs(folder, cfg: BagelConfig) -> None:
 
 def _random_tensor(rng: np.random.Generator, shape, st_dtype: str) -> np.ndarray:
   """Finite random values, distinct per tensor, cheap to make: random mantissas and signs at a fixed exponent."""
-  from bagel_jax.checkpoint import ST_DTYPES
+  from bagel_jax.weights.safetensors_io import ST_DTYPES
 
   n = math.prod(shape)
   if st_dtype == "BF16":
@@ -111,9 +111,9 @@ def write_synthetic_release(folder, cfg: BagelConfig, *, seed: int = 0, shards: 
   `shards` > 0 splits the ema tensors over that many files listed by model.safetensors.index.json.
   Returns {"tensors", "bytes", "largest", "largest_key"}.
   """
-  from bagel_jax import weights as W
+  from bagel_jax.weights import table as W
   from bagel_jax.api import BagelModel
-  from bagel_jax.checkpoint import ST_DTYPES, SafetensorsWriter
+  from bagel_jax.weights.safetensors_io import ST_DTYPES, SafetensorsWriter
 
   folder = pathlib.Path(folder)
   write_configs(folder, cfg)

@@ -63,6 +63,16 @@ class Builders:
   vae_cond_dropout: float = 0.0
 
 
+def _transformed(transform, what: str, field: str, img, img_num: int, stride: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """`transform(img, img_num)` and its grid of `stride`-pixel tokens; refuses a size off the stride."""
+  if transform is None:
+    raise SampleError(f"this data group has no {what} image transform ({field})")
+  x = transform(img, img_num)
+  if x.shape[0] % stride or x.shape[1] % stride:
+    raise SampleError(f"{what} image {x.shape[1]}x{x.shape[0]} is not a multiple of {stride} pixels")
+  return x, (x.shape[0] // stride, x.shape[1] // stride)
+
+
 class SampleBuilder:
 
   def __init__(self, b: Builders, group: int = 0):
@@ -77,24 +87,14 @@ class SampleBuilder:
     return self
 
   def vae(self, img: Image.Image, loss: bool, enable_cfg: bool, img_num: int = 1) -> "SampleBuilder":
-    if self.b.vae_transform is None:
-      raise SampleError("this data group has no VAE image transform (vae_transform)")
-    x = self.b.vae_transform(img, img_num)
-    f = self.b.latent_downsample
-    if x.shape[0] % f or x.shape[1] % f:
-      raise SampleError(f"VAE image {x.shape[1]}x{x.shape[0]} is not a multiple of {f} pixels")
-    self.plan.append(L.VaeImage((x.shape[0] // f, x.shape[1] // f), loss=loss, enable_cfg=enable_cfg))
+    x, grid = _transformed(self.b.vae_transform, "VAE", "vae_transform", img, img_num, self.b.latent_downsample)
+    self.plan.append(L.VaeImage(grid, loss=loss, enable_cfg=enable_cfg))
     self.payload.append(x)
     return self
 
   def vit(self, img: Image.Image, enable_cfg: bool, img_num: int = 1) -> "SampleBuilder":
-    if self.b.vit_transform is None:
-      raise SampleError("this data group has no ViT image transform (vit_transform)")
-    x = self.b.vit_transform(img, img_num)
-    p = self.b.vit_patch
-    if x.shape[0] % p or x.shape[1] % p:
-      raise SampleError(f"ViT image {x.shape[1]}x{x.shape[0]} is not a multiple of the patch size {p}")
-    self.plan.append(L.VitImage((x.shape[0] // p, x.shape[1] // p), enable_cfg=enable_cfg))
+    x, grid = _transformed(self.b.vit_transform, "ViT", "vit_transform", img, img_num, self.b.vit_patch)
+    self.plan.append(L.VitImage(grid, enable_cfg=enable_cfg))
     self.payload.append(x)
     return self
 

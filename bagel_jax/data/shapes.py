@@ -26,7 +26,7 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bagel_jax.data.tokenizer import WordTokenizer
+from bagel_jax.tokenizer import WordTokenizer
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (60, 90, 240), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")

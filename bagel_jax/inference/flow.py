@@ -22,7 +22,6 @@ Upstream behaviour reproduced (each marked "Quirk" where it is implemented):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax

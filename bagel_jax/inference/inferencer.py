@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax.config import BagelConfig
+from bagel_jax.data.transforms import pil_img2rgb
 from bagel_jax.image import patchify, unpatchify
 from bagel_jax.inference import flow, kv_cache as kc
 from bagel_jax.inference.errors import InferenceError
-from bagel_jax.inference.text import generate_tokens
-from bagel_jax.inference.tokenizer import Tokenizer, strip_generated
+from bagel_jax.inference.text import generate_tokens, strip_generated
+from bagel_jax.tokenizer import Tokenizer, check_special_tokens
 
 # Upstream's system prompts (`inferencer.py`), verbatim: the model was trained with these strings.
 VLM_THINK_SYSTEM_PROMPT = '''You should first think about the reasoning process in the mind and then provide the user with the answer. 
@@ -61,16 +62,6 @@ def load_image(path: str | pathlib.Path):
       return pil_img2rgb(im)
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
     raise InferenceError(f"{path}: cannot read the image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'})") from None
-
-
-def pil_img2rgb(image):
-  from PIL import Image
-  if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
-    image = image.convert("RGBA")
-    white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
-    white.paste(image, mask=image.split()[3])
-    return white
-  return image.convert("RGB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +213,7 @@ class Inferencer:
     self.last: dict[str, Any] = {}  # details of the last call with record=True (tests, debugging)
     self.timing: dict[str, float] = {}  # wall times of the last call's phases
     if tokenizer is not None:
-      tokenizer.check(self.cfg.tokens, self.cfg.llm.vocab_size)
+      check_special_tokens(tokenizer, self.cfg.tokens, self.cfg.llm.vocab_size)
 
   @classmethod
   def from_checkpoint(cls, folder, *, tokenizer=None, dtype=None, quantize: str = "none",
@@ -235,10 +226,11 @@ class Inferencer:
     (default: the folder's).
     """
     from bagel_jax.api import BagelModel
-    from bagel_jax.checkpoint import STATE_DIR, load_checkpoint
+    from bagel_jax.weights.orbax_stream import STATE_DIR
+    from bagel_jax.weights.load import load_checkpoint
     from bagel_jax.config import load_config
     from bagel_jax.inference.quantize import quantize_params
-    from bagel_jax.inference.tokenizer import load_tokenizer
+    from bagel_jax.tokenizer import load_tokenizer
     folder = pathlib.Path(folder)
     tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer.json")
     if dtype is None:

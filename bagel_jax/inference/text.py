@@ -115,4 +115,11 @@ def generate_tokens(model, params, cache: KVCache, start_tokens: jax.Array, max_
   return out, counts, logit_buf, cache
 
 
-__all__ = ["generate_tokens", "decode_step", "sample_logits", "filter_logits"]
+__all__ = ["generate_tokens", "decode_step", "sample_logits", "filter_logits", "strip_generated"]
+
+
+def strip_generated(text: str) -> str:
+  """Upstream's `output.split('<|im_end|>')[0].split('<|im_start|>')[1]` (tolerant of a missing start)."""
+  head = text.split("<|im_end|>")[0]
+  parts = head.split("<|im_start|>")
+  return parts[1] if len(parts) > 1 else parts[0]

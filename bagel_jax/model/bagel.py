@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bagel_jax.config import BagelConfig
-from bagel_jax.layout import EXPERT_GEN, TOKEN_TEXT, Layout
+from bagel_jax.layout import TOKEN_TEXT, Layout
 from bagel_jax.model.connector import MLPConnector
 from bagel_jax.model.embeddings import FrozenTable, TimestepEmbedder, sincos_2d_table
 from bagel_jax.model.qwen2_mot import AttentionSpec, DecoderOptions, Qwen2MoT, gather_tokens, scatter_tokens

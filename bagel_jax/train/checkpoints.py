@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from bagel_jax.train_step import path_str
+from bagel_jax.sharding import path_str
 
 PyTree = Any
 

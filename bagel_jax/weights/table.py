@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from bagel_jax.config import BagelConfig
+from bagel_jax.weights.errors import CheckpointError
 
 # Layout transforms: upstream layout -> ours.
 IDENTITY = "identity"
@@ -32,35 +33,32 @@ class Rule:
   file: str = "ema"
 
 
-def to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+# kind -> (axes permutation upstream -> ours, ours -> upstream); IDENTITY is absent.
+_PERMUTATIONS = {LINEAR: ((1, 0), (1, 0)), CONV: ((2, 3, 1, 0), (3, 2, 0, 1))}
+
+
+def _permute(kind: str, x: np.ndarray, direction: int) -> np.ndarray:
   if kind == IDENTITY:
     return x
-  if kind == LINEAR:
-    return np.ascontiguousarray(x.T)
-  if kind == CONV:
-    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-  raise ValueError(f"unknown layout transform {kind!r}")
+  if kind not in _PERMUTATIONS:
+    raise ValueError(f"unknown layout transform {kind!r}")
+  return np.ascontiguousarray(x.transpose(_PERMUTATIONS[kind][direction]))
+
+
+def to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+  return _permute(kind, x, 0)
 
 
 def to_upstream(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == IDENTITY:
-    return x
-  if kind == LINEAR:
-    return np.ascontiguousarray(x.T)
-  if kind == CONV:
-    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-  raise ValueError(f"unknown layout transform {kind!r}")
+  return _permute(kind, x, 1)
 
 
 def upstream_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
   if kind == IDENTITY:
     return tuple(ours)
-  if kind == LINEAR:
-    return tuple(reversed(ours))
-  if kind == CONV:
-    kh, kw, i, o = ours
-    return (o, i, kh, kw)
-  raise ValueError(f"unknown layout transform {kind!r}")
+  if kind not in _PERMUTATIONS:
+    raise ValueError(f"unknown layout transform {kind!r}")
+  return tuple(ours[a] for a in _PERMUTATIONS[kind][1])
 
 
 # ----------------------------------------------------------------------------- VAE (ae.safetensors)
@@ -222,10 +220,6 @@ def rules(cfg: BagelConfig) -> list[Rule]:
 FILE_NAMES = {"ema": "ema.safetensors", "ae": "ae.safetensors"}
 FILE_DTYPES = {"ema": "BF16", "ae": "F32"}  # the release's dtypes, per file
 _ST_TO_NP = {"BF16": "bfloat16", "F32": "float32", "F16": "float16", "F64": "float64"}
-
-
-class CheckpointError(ValueError):
-  """An upstream checkpoint folder does not match the expected layout."""
 
 
 def _get(tree: dict, path: tuple[str, ...]):

@@ -1,6 +1,6 @@
 """Image understanding from the command line.
 
-    python -m bagel_jax.chat --checkpoint DIR --image photo.png --question "What is in this image?"
+    python -m bagel_jax.inference.chat --checkpoint DIR --image photo.png --question "What is in this image?"
 
 Greedy by default (upstream's notebook); --sample draws with --temperature (0.3), --top-k, --top-p.
 --think opens the context with upstream's reasoning system prompt.  Several --image are allowed.
@@ -13,7 +13,7 @@ import sys
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m bagel_jax.chat", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m bagel_jax.inference.chat", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="upstream release folder or a folder converted to Orbax")
   p.add_argument("--image", action="append", default=[], help="input image(s)")
   p.add_argument("--question", required=True)
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
   from bagel_jax.config import ConfigError
   from bagel_jax.inference import InferenceError, Inferencer, load_image
+  from bagel_jax.tokenizer import TokenizerError
   from bagel_jax.weights import CheckpointError
 
   try:
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
                                         max_think_token_n=args.max_tokens, do_sample=args.sample,
                                         text_temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                         seed=args.seed)
-  except (InferenceError, ConfigError, CheckpointError) as e:
+  except (InferenceError, ConfigError, CheckpointError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(answer)

@@ -1,8 +1,8 @@
 """Text-to-image and image editing from the command line.
 
-    python -m bagel_jax.generate --checkpoint DIR --prompt "a red cat" --size 1024x1024 --out cat.png
-    python -m bagel_jax.generate --checkpoint DIR --image in.png --prompt "make it night" --out night.png
-    python -m bagel_jax.generate --checkpoint DIR --prompt "..." --think --out out.png   # prints the plan
+    python -m bagel_jax.inference.generate --checkpoint DIR --prompt "a red cat" --size 1024x1024 --out cat.png
+    python -m bagel_jax.inference.generate --checkpoint DIR --image in.png --prompt "make it night" --out night.png
+    python -m bagel_jax.inference.generate --checkpoint DIR --prompt "..." --think --out out.png   # prints the plan
 
 An --image makes it an edit (the output has the input's size after upstream's resize).  Defaults
 are upstream's notebook settings: text-to-image cfg_text 4.0, cfg_img 1.0, interval 0.4..1.0,
@@ -34,7 +34,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m bagel_jax.generate", description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m bagel_jax.inference.generate", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="upstream release folder (configs, ema/ae safetensors, tokenizer.json) or a folder converted to Orbax")
   p.add_argument("--prompt", required=True)
   p.add_argument("--image", action="append", default=[], help="input image(s): makes it an edit")
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
 
   from bagel_jax.config import ConfigError
   from bagel_jax.inference import InferenceError, Inferencer, load_image
+  from bagel_jax.tokenizer import TokenizerError
   from bagel_jax.weights import CheckpointError
 
   edit = bool(args.image)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         cfg_renorm_type=args.cfg_renorm_type or ("text_channel" if edit else "global"),
         cfg_renorm_min=args.cfg_renorm_min, timestep_shift=args.timestep_shift, num_timesteps=args.steps,
         image_shapes=args.size, seed=args.seed, progress=not args.no_progress)
-  except (InferenceError, ConfigError, CheckpointError) as e:
+  except (InferenceError, ConfigError, CheckpointError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for o in outs:

@@ -1,6 +1,6 @@
 """Memory and FLOPs plan of the sharded train step, compiled abstractly on fake CPU devices.
 
-    python -m bagel_jax.plan --config configs/bagel_7b_mot.py --mesh fsdp=8[,tensor=N] \
+    python -m bagel_jax.train.plan --config configs/bagel_7b_mot.py --mesh fsdp=8[,tensor=N] \
         [--tokens 32768] [--remat full] [--layers K] [--step_time 12] [--peak_tflops 989]
 
 No weights are made: the model, optimizer state and batch are ShapeDtypeStructs carrying
@@ -113,7 +113,7 @@ def abstract_batch(model, mix: RowMix, rows: int):
   import numpy as np
 
   from bagel_jax import layout as L
-  from bagel_jax.train_step import TrainBatch
+  from bagel_jax.train.step import TrainBatch
 
   cfg = model.cfg
   plans = row_plans(mix, cfg)
@@ -159,7 +159,6 @@ def visible_pairs(lay, row: int = 0, block: int = 1024) -> int:
 
 def model_flops(cfg, lay, rows: int) -> dict[str, float]:
   """Model FLOPs per step (forward + backward = 3 x forward; no remat), from the layout's token sets."""
-  import numpy as np
 
   llm, vit = cfg.llm, cfg.vit
   d, f, hd = llm.hidden_size, llm.intermediate_size, llm.head_dim
@@ -176,126 +175,6 @@ def model_flops(cfg, lay, rows: int) -> dict[str, float]:
   vit_fwd = vit.num_hidden_layers * nv * 2 * (4 * vd * vd + 2 * vd * vf)
   fwd = rows * (llm_fwd + head + vit_fwd)
   return {"model_flops": 3.0 * fwd, "llm_attention_share": rows * 3 * llm.num_hidden_layers * attn / (3 * fwd)}
-
-
-# ----------------------------------------------------------------------------- flash stand-in
-def flash_xla_attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
-                        chunk: int = 256):
-  """Exact interval-mask attention in plain XLA with a flash-style custom VJP.
-
-  The stand-in for the Pallas kernels when the plan compiles on CPU: like them it saves only
-  q, k, v, the output and the log-sum-exp, and the backward pass recomputes probabilities one
-  key chunk at a time, so no [T, S] tensor and no per-chunk accumulator stack is kept.
-  (`xla_chunked` differentiates through its key-chunk scan and saves every chunk's fp32
-  accumulator: ~T x Hq x D x 4 bytes per chunk.) Registered as attention impl "flash_xla"
-  while the plan runs.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  from bagel_jax.attention.mask import default_q_positions, dense_mask
-
-  b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
-  c = min(chunk, s)
-  n = -(-s // c)
-  pad = n * c - s
-  qp = default_q_positions(b, t) if q_positions is None else q_positions
-
-  def chunks(x):
-    if pad:
-      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    return x.reshape((b, n, c) + x.shape[2:]).swapaxes(0, 1)
-
-  def scores(qg, kc, i, qsc, qec, ints):
-    ks, ke, qpos = ints
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * scale
-    mask = dense_mask(ks, ke, qsc, qec, qpos, key_offset=i * c)[:, None, None]
-    return logits, mask
-
-  def fwd(q, k, v, ints, qs, qe):
-    qg = q.reshape(b, t, hkv, g, d)
-    xs = (jnp.arange(n, dtype=jnp.int32), chunks(k), chunks(v), chunks(qs), chunks(qe))
-
-    def body(carry, x):
-      m, l, acc = carry
-      i, kc, vc, qsc, qec = x
-      logits, mask = scores(qg, kc, i, qsc, qec, ints)
-      logits = jnp.where(mask, logits, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      p = jnp.where(mask, jnp.exp(logits - m_safe[..., None]), 0.0)
-      corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vc,
-                                               preferred_element_type=jnp.float32)
-      return (m_new, l * corr + jnp.sum(p, axis=-1), acc), None
-
-    init = (jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
-            jnp.zeros((b, hkv, g, t, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, xs)
-    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
-    lse = jnp.where(l == 0, jnp.inf, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(l == 0, 1.0, l)))
-    o = jnp.einsum("bkgtd->btkgd", out).reshape(b, t, hq, d).astype(q.dtype)
-    return o, lse
-
-  # The interval arrays are loop-invariant across the decoder's layer scan and do not depend on
-  # anything differentiated, so JAX's scan partial evaluation would hoist every chunk's mask out
-  # of the layer loop as one [chunks, B, Hkv, G, T, chunk] boolean (T^2 x Hq bytes). Tying them
-  # to q / do with an optimization barrier keeps the mask inside the chunk loop.
-  def tie(ints, x):
-    return jax.lax.optimization_barrier((ints, x))[0]
-
-  @jax.custom_vjp
-  def attn(q, k, v, ks, ke, qs, qe, qpos):
-    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), q)
-    return fwd(q, k, v, (ks, ke, qpos), qs, qe)[0]
-
-  def attn_fwd(q, k, v, ks, ke, qs, qe, qpos):
-    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), q)
-    o, lse = fwd(q, k, v, (ks, ke, qpos), qs, qe)
-    return o, (q, k, v, o, lse, ks, ke, qs, qe, qpos)
-
-  def attn_bwd(res, do):
-    q, k, v, o, lse, ks, ke, qs, qe, qpos = res
-    ks, ke, qs, qe, qpos = tie((ks, ke, qs, qe, qpos), do)
-    qg = q.reshape(b, t, hkv, g, d)
-    dog = do.reshape(b, t, hkv, g, d)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", dog.astype(jnp.float32), o.reshape(b, t, hkv, g, d).astype(jnp.float32))
-
-    def body(dq, x):
-      i, kc, vc, qsc, qec = x
-      logits, mask = scores(qg, kc, i, qsc, qec, (ks, ke, qpos))
-      p = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)  # lse = inf on empty rows -> 0
-      dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("btkgd,bskd->bkgts", dog, vc, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta[..., None]) * scale
-      dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32)
-      dk = jnp.einsum("bkgts,btkgd->bskd", ds.astype(q.dtype), qg, preferred_element_type=jnp.float32)
-      return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
-
-    xs = (jnp.arange(n, dtype=jnp.int32), chunks(k), chunks(v), chunks(qs), chunks(qe))
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros((b, t, hkv, g, d), jnp.float32), xs)
-    unchunk = lambda x: x.swapaxes(0, 1).reshape((b, n * c) + x.shape[3:])[:, :s]
-    return (dq.reshape(b, t, hq, d).astype(q.dtype), unchunk(dk), unchunk(dv), None, None, None, None, None)
-
-  attn.defvjp(attn_fwd, attn_bwd)
-  return attn(q, k, v, k_start, k_end, q_start, q_end, qp)
-
-
-def register_flash_xla() -> None:
-  """Makes attention impl "flash_xla" resolve to `flash_xla_attention` (planning only)."""
-  from bagel_jax.attention import api
-
-  if getattr(api._load, "_plan_flash", False):
-    return
-  load = api._load
-
-  def _load(impl: str):
-    return flash_xla_attention if impl == "flash_xla" else load(impl)
-
-  _load._plan_flash = True
-  api._load = _load
 
 
 def largest_buffers(compiled, n: int = 12) -> list[tuple[int, str, str]]:
@@ -324,10 +203,9 @@ def largest_buffers(compiled, n: int = 12) -> list[tuple[int, str, str]]:
 
 
 def _compile(model, tx, hp, mesh, rules, abstract_state, batch, vae, compiler_options=None):
-  import jax
 
   from bagel_jax import sharding as shd
-  from bagel_jax.train_step import jit_train_step
+  from bagel_jax.train.step import jit_train_step
 
   ss = shd.train_state_shardings(abstract_state, mesh, rules)
   bs = shd.batch_shardings(batch, mesh, rules)
@@ -357,7 +235,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   from bagel_jax import config as C
   from bagel_jax import sharding as shd
   from bagel_jax.api import BagelModel
-  from bagel_jax.train_step import StepConfig, init_train_state
+  from bagel_jax.train.step import StepConfig, init_train_state
 
   if preset is not None or config is None:
     preset = preset or "bagel_7b_mot"
@@ -365,7 +243,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   else:
     import pathlib
 
-    from bagel_jax.train import model_config
+    from bagel_jax.train.config import model_config
     ckpt = _get(config, "model.checkpoint", default="")
     if ckpt and not pathlib.Path(ckpt).is_dir():
       # The release folder is not needed for a plan: its configs are the bagel_7b_mot preset.
@@ -378,8 +256,6 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   attention = attention or "flash_xla"
   if attention in ("auto", "pallas_gpu", "pallas_tpu", "cudnn"):
     attention = "flash_xla"  # the kernels cannot compile for CPU; this has their memory profile
-  if attention == "flash_xla":
-    register_flash_xla()
   param_dtype = jnp.dtype(_get(config, "model.param_dtype", default="float32"))
   dtype = jnp.dtype(_get(config, "model.dtype", default="bfloat16"))
   ema_decay = float(_get(config, "train.ema_decay", default=0.9999)) or None
@@ -395,12 +271,12 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     params = model.abstract_params()
     optim_cfg = _get(config, "optim")
     if optim_cfg is not None:
-      from bagel_jax.optim import frozen_patterns, make_optimizer
+      from bagel_jax.train.optim import frozen_patterns, make_optimizer
       tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.steps", default=1000)))
       frozen = frozen_patterns(optim_cfg)
     else:
       tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-15))
-      from bagel_jax.train_step import FROZEN_TABLES as frozen
+      from bagel_jax.train.step import FROZEN_TABLES as frozen
     hp = StepConfig(ce_weight=float(_get(config, "train.ce_weight", default=1.0)),
                     mse_weight=float(_get(config, "train.mse_weight", default=1.0)),
                     timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
@@ -495,7 +371,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m bagel_jax.plan", description=__doc__.split("\n\n")[0])
+  ap = argparse.ArgumentParser(prog="python -m bagel_jax.train.plan", description=__doc__.split("\n\n")[0])
   ap.add_argument("--config", default=None, help="an ml_collections config file with get_config()")
   ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
   ap.add_argument("--preset", default=None, help="a bagel_jax.config preset instead of the config's model "

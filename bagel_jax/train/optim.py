@@ -20,7 +20,7 @@
     embedding, the ViT and the connector get zero updates (`expert_slice_mask`), the gen expert
     and the generation heads train. The one difference: gradients that reach gen weights
     *through* und activations (text tokens attending to clean VAE tokens) still flow here.
-- The two sin-cos position tables are always frozen (`train_step.FROZEN_TABLES`).
+- The two sin-cos position tables are always frozen (`step.FROZEN_TABLES`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bagel_jax.train_step import FROZEN_TABLES, path_str
+from bagel_jax.train.step import FROZEN_TABLES, path_str
 
 PyTree = Any
 

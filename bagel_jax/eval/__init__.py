@@ -1,0 +1,1 @@
+"""Evaluation: the shapes demo's held-out evaluator (`shapes.py`)."""

@@ -1,0 +1,28 @@
+"""Weights: the upstream key table and every way parameters enter or leave the project.
+
+    table.py           the one table between upstream tensor names/layouts and our parameter tree;
+                       the release-folder loader (`load_upstream`)
+    safetensors_io.py  checked, streamed safetensors reads and writes
+    orbax_stream.py    Orbax saves written slice by slice, and slice reads of saved states
+    folders.py         atomic output folders
+    load.py            `load_checkpoint`: a converted folder restored into its shardings
+
+The converters (`convert/`), the trainer and the inferencer all go through these modules.
+"""
+
+from bagel_jax.weights.errors import CheckpointError
+from bagel_jax.weights.table import (CONV, IDENTITY, LINEAR, FILE_DTYPES, FILE_NAMES, Rule, UpstreamFiles,
+                                     expected_upstream_shape, load_upstream, rules, to_ours, to_upstream,
+                                     upstream_shape, validate)
+
+
+def __getattr__(name):  # lazy: load_checkpoint needs the model, which needs this package's table
+  if name == "load_checkpoint":
+    from bagel_jax.weights.load import load_checkpoint
+    return load_checkpoint
+  raise AttributeError(f"module 'bagel_jax.weights' has no attribute {name!r}")
+
+
+__all__ = ["CheckpointError", "CONV", "IDENTITY", "LINEAR", "FILE_DTYPES", "FILE_NAMES", "Rule", "UpstreamFiles",
+           "expected_upstream_shape", "load_upstream", "rules", "to_ours", "to_upstream", "upstream_shape", "validate",
+           "load_checkpoint"]
