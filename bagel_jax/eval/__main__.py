@@ -40,11 +40,8 @@ def benchmark_class(name: str):
 
 
 def _interval(text: str) -> tuple[float, float]:
-  try:
-    lo, hi = (float(v) for v in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--cfg-interval must be LOW,HIGH; got {text!r}") from None
-  return lo, hi
+  from bagel_jax.inference.generate import _interval as parse
+  return parse(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import pathlib
 from typing import Any, ClassVar
 
 from bagel_jax.eval.core import EvalError, Item, field
-from bagel_jax.eval.generation import EditBenchmark
+from bagel_jax.eval.generation import EditBenchmark, flow_settings
 from bagel_jax.eval.readers import image_bytes, open_image, read_parquet_rows
 from bagel_jax.eval.store import write_png
 
@@ -23,9 +23,7 @@ class GEdit(EditBenchmark):
   description: ClassVar[str] = "GEdit-Bench edits in OUT/fullset/{task}/{language}/ (VIEScore not included)"
   # gen_images_gedit.py: text CFG 4, image CFG 1.5, interval [0.4, 1], text_channel renorm, renorm_min 0,
   # shift 3, 50 steps; --use_think: plan up to 10240 tokens (not saved), the input is saved beside the edit.
-  defaults: ClassVar[dict[str, Any]] = dict(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0),
-                                            timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0,
-                                            cfg_renorm_type="text_channel")
+  defaults: ClassVar[dict[str, Any]] = flow_settings(4.0, 1.5, (0.4, 1.0), "text_channel")
   think_tokens: ClassVar[int] = 10240
   crop: ClassVar[bool] = False
   save_think: ClassVar[bool] = False

@@ -18,6 +18,14 @@ from bagel_jax.eval.store import write_png, write_text
 THINK_SAMPLING = dict(do_sample=True, text_temperature=0.3)
 
 
+def flow_settings(cfg_text_scale: float, cfg_img_scale: float, cfg_interval: tuple[float, float],
+                  cfg_renorm_type: str) -> dict[str, Any]:
+  """Sampler settings of upstream's benchmark scripts: these four vary; all use 50 timesteps,
+  timestep shift 3.0 and cfg_renorm_min 0."""
+  return dict(cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
+              timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0, cfg_renorm_type=cfg_renorm_type)
+
+
 class ImageBenchmark(Benchmark):
   """Generation/editing: subclasses set `defaults` and implement `load`, `outputs` and `requests`.
 
@@ -101,4 +109,4 @@ class EditBenchmark(ImageBenchmark):
             for _, path in self.pending(item)]
 
 
-__all__ = ["ImageBenchmark", "TextToImageBenchmark", "EditBenchmark", "THINK_SAMPLING"]
+__all__ = ["flow_settings", "ImageBenchmark", "TextToImageBenchmark", "EditBenchmark", "THINK_SAMPLING"]

@@ -14,7 +14,7 @@ import pathlib
 from typing import Any, ClassVar
 
 from bagel_jax.eval.core import EvalError, Item, field
-from bagel_jax.eval.generation import TextToImageBenchmark
+from bagel_jax.eval.generation import TextToImageBenchmark, flow_settings
 from bagel_jax.eval.readers import read_jsonl
 from bagel_jax.eval.store import write_text
 
@@ -23,9 +23,7 @@ class GenEval(TextToImageBenchmark):
   name: ClassVar[str] = "geneval"
   description: ClassVar[str] = "GenEval: several images per prompt in OUT/{index:05d}/samples/ (detector scoring not included)"
   # gen_images_mp.py: cfg_scale 4 (text), interval [0, 1], shift 3, 50 steps, renorm_min 0, global renorm, no image CFG.
-  defaults: ClassVar[dict[str, Any]] = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.0, 1.0),
-                                            timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0,
-                                            cfg_renorm_type="global")
+  defaults: ClassVar[dict[str, Any]] = flow_settings(4.0, 1.0, (0.0, 1.0), "global")
 
   @classmethod
   def add_arguments(cls, p) -> None:

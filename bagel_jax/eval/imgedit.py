@@ -11,14 +11,12 @@ import pathlib
 from typing import Any, ClassVar
 
 from bagel_jax.eval.core import EvalError, Item, field, require_dir
-from bagel_jax.eval.generation import EditBenchmark
+from bagel_jax.eval.generation import EditBenchmark, flow_settings
 from bagel_jax.eval.readers import open_image, read_json
 
 # gen_images_mp_imgedit.py (the editing code of the KRIS/RISE scripts): text CFG 4, image CFG 1.5,
 # interval [0, 1], shift 3, 50 steps, renorm_min 0, text_channel renorm.
-EDIT_DEFAULTS: dict[str, Any] = dict(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0),
-                                     timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0,
-                                     cfg_renorm_type="text_channel")
+EDIT_DEFAULTS: dict[str, Any] = flow_settings(4.0, 1.5, (0.0, 1.0), "text_channel")
 
 
 class ImgEdit(EditBenchmark):

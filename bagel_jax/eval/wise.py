@@ -12,7 +12,7 @@ import pathlib
 from typing import Any, ClassVar
 
 from bagel_jax.eval.core import EvalError, Item, field
-from bagel_jax.eval.generation import TextToImageBenchmark
+from bagel_jax.eval.generation import TextToImageBenchmark, flow_settings
 from bagel_jax.eval.readers import read_json
 
 
@@ -20,9 +20,7 @@ class Wise(TextToImageBenchmark):
   name: ClassVar[str] = "wise"
   description: ClassVar[str] = "WISE: one image per prompt as OUT/{prompt_id}.png (GPT-4o scoring not included)"
   # gen_images_mp_wise.py: cfg 4, interval [0.4, 1], shift 3, 50 steps, renorm_min 0, global renorm.
-  defaults: ClassVar[dict[str, Any]] = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
-                                            timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0,
-                                            cfg_renorm_type="global")
+  defaults: ClassVar[dict[str, Any]] = flow_settings(4.0, 1.0, (0.4, 1.0), "global")
   think_tokens: ClassVar[int] = 2048
 
 
