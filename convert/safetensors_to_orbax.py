@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Callable
 
-import numpy as np
 
 
 # ----------------------------------------------------------------------------- shared CLI pieces
@@ -92,51 +91,23 @@ def _plan(src: pathlib.Path, cfg, dtype, allow_extra: bool):
   """Validates the release folder and builds the tree of StreamedArrays to write."""
   from bagel_jax.weights import table as W
   from bagel_jax.api import BagelModel
-  from bagel_jax.weights.orbax_stream import Piece, StreamedArray
-  from bagel_jax.weights.safetensors_io import SafetensorsFile, np_dtype
+  from bagel_jax.weights.safetensors_io import SafetensorsFile
+  from bagel_jax.weights.stream_tree import TensorRef, streamed_tree
 
   abstract = BagelModel(cfg).abstract_params()
   files = W.UpstreamFiles(src)
   table = W.rules(cfg)
   W.validate(files, table, abstract, allow_extra=allow_extra)
   readers: dict[pathlib.Path, SafetensorsFile] = {}
-  by_leaf: dict[tuple, list] = {}
-  for r in table:
+
+  def ref(r: W.Rule) -> TensorRef:
     path = files.key_file[(r.file, r.upstream)]
     if path not in readers:
       readers[path] = SafetensorsFile(path)
-    ent = readers[path].entries[r.upstream]
-    by_leaf.setdefault(r.path, []).append((r, readers[path], ent))
+    reader, ent = readers[path], readers[path].entries[r.upstream]
+    return TensorRef(tuple(ent.shape), ent.dtype, lambda: reader.read(ent.key))
 
-  tree: dict = {}
-  n_bytes = 0
-  for leaf_path in W._paths(abstract):
-    if leaf_path not in by_leaf:
-      raise W.CheckpointError(f"{src}: no upstream tensor provides parameter {'/'.join(map(str, leaf_path))}")
-    group = by_leaf[leaf_path]
-    shape = tuple(W._get(abstract, leaf_path).shape)
-    stack = len(group[0][0].index)
-    leaf_dtype = np_dtype(dtype) if dtype is not None else np_dtype(group[0][2].dtype)
-    pieces = []
-    for r, reader, ent in sorted(group, key=lambda g: g[0].index):
-      # A torch Linear weight [out, in] goes as read through a transposed view of its
-      # [in, out] slot (TensorStore transposes chunk by chunk): the same bytes as
-      # W.to_ours(LINEAR, x), without a transposed copy on the host.
-      via_view = r.kind == W.LINEAR and len(ent.shape) == 2
-
-      def load(r=r, reader=reader, ent=ent, leaf_dtype=leaf_dtype, via_view=via_view):
-        x = reader.read(ent.key)
-        if not via_view:
-          x = W.to_ours(r.kind, x)
-        return x if x.dtype == leaf_dtype else x.astype(leaf_dtype)
-      pieces.append(Piece(r.index, int(np.prod(shape[stack:])) * leaf_dtype.itemsize, load, r.upstream,
-                          transpose=via_view))
-      n_bytes += ent.nbytes
-    try:
-      leaf = StreamedArray(shape, leaf_dtype, pieces, stack)
-    except ValueError as e:
-      raise W.CheckpointError(f"{src}: parameter {'/'.join(map(str, leaf_path))}: {e}") from None
-    W._set(tree, leaf_path, leaf)
+  tree, n_bytes = streamed_tree(abstract, table, ref, dtype, str(src))
   return tree, len(table), n_bytes
 
 

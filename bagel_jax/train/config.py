@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",
   )
   c.init = dict(checkpoint="")  # "" random init; or a release folder (ema.safetensors) or a converted Orbax folder
+  # init.hf: start from Hugging Face checkpoints as upstream pre-training does (llm/vit/vae paths and
+  # upstream's model arguments, bagel_jax.weights.hf_init.HFInitArgs); "" llm = not used
+  c.init.hf = _hf_defaults()
   c.tokenizer = "shapes"  # "shapes" or a tokenizer.json (or a folder holding one, e.g. the release folder)
   c.data = dict(
       groups={},  # name -> dict(format=..., weight=..., ...); see bagel_jax.data.pipeline
@@ -57,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
                 und_images=200, seed=0, split="test")
   c.debug = dict(hang_after_step=-1)  # tests: after saving this step, wait to be killed
   return c
+
+
+def _hf_defaults() -> dict:
+  import dataclasses
+  from bagel_jax.weights.hf_init import HFInitArgs
+  return dataclasses.asdict(HFInitArgs())
 
 
 class TrainConfigError(ValueError):
@@ -101,6 +110,10 @@ def model_config(config):
 
 def _model_config(config):
   from bagel_jax.config import bagel_7b_mot, bagel_tiny, load_config
+  from bagel_jax.train import init_hf
+  hf = init_hf.hf_args(config)
+  if hf is not None:
+    return init_hf.open_hf(hf).cfg
   m = config.model
   if m.checkpoint:
     return load_config(m.checkpoint)

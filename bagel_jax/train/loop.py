@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bagel_jax.train import init_hf
 from bagel_jax.train.config import (TrainConfigError, check_mesh, check_tokenizer, dtype_of, model_config,
                                     sharding_rules)
 from bagel_jax.train.metrics import MetricsWriter, attention_flops, flops_per_token, peak_flops, tokens_sq
@@ -82,7 +83,7 @@ def prepare(config, workdir) -> Setup:
 
   check_values(config)
   cfg = model_config(config)
-  tok = training_tokenizer(config.tokenizer)
+  tok = training_tokenizer(init_hf.tokenizer_spec(config, workdir))
   check_tokenizer(tok, cfg)
   data = pipeline.make_pipeline(config.data, cfg, tok, seed=int(config.data.seed),
                                 process_index=jax.process_index(), process_count=jax.process_count())
@@ -151,7 +152,10 @@ def random_params(setup: Setup, model, vae_params, shardings, vae_shardings):
 
 
 def init_params(setup: Setup, model, vae_params, shardings, vae_shardings):
-  """Fresh parameters: from init.checkpoint, else random (the VAE from the stage if there is one)."""
+  """Fresh parameters: from init.hf or init.checkpoint, else random (the VAE from the stage if there is one)."""
+  hf = init_hf.hf_args(setup.config)
+  if hf is not None:
+    return init_hf.hf_params(init_hf.open_hf(hf), model, shardings, vae_shardings, vae_params)
   if not setup.config.init.checkpoint:
     return random_params(setup, model, vae_params, shardings, vae_shardings)
   params, abstract = load_init_checkpoint(setup, model, shardings, vae_shardings)

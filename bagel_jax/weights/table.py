@@ -219,6 +219,8 @@ def rules(cfg: BagelConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- loading an upstream folder
 FILE_NAMES = {"ema": "ema.safetensors", "ae": "ae.safetensors"}
 FILE_DTYPES = {"ema": "BF16", "ae": "F32"}  # the release's dtypes, per file
+# Also accepted when most of a file holds it: F32 ema (a float32 init, `convert.hf_to_bagel`).
+FILE_DTYPES_ALSO = {"ema": ("F32",), "ae": ()}
 _ST_TO_NP = {"BF16": "bfloat16", "F32": "float32", "F16": "float16", "F64": "float64"}
 
 
@@ -321,15 +323,27 @@ def validate(files: UpstreamFiles, table: list[Rule], abstract: dict, *, allow_e
     if extra and not allow_extra:
       raise CheckpointError(f"{files.folder / FILE_NAMES[file_id]}: unexpected key {extra[0]}"
                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  want = _file_dtypes(files, table)
   for r in table:
     shape, dtype = files.shape_dtype(r.file, r.upstream)
     exp = expected_upstream_shape(r, abstract)
     if shape != exp:
       raise CheckpointError(f"{files.key_file[(r.file, r.upstream)]}: key {r.upstream} has shape {list(shape)}, "
                             f"expected {list(exp)}")
-    if check_dtype and dtype != FILE_DTYPES[r.file]:
+    if check_dtype and dtype != want[r.file]:
       raise CheckpointError(f"{files.key_file[(r.file, r.upstream)]}: key {r.upstream} has dtype {dtype}, "
-                            f"expected {FILE_DTYPES[r.file]}")
+                            f"expected {want[r.file]}")
+
+
+def _file_dtypes(files, table: list[Rule]) -> dict[str, str]:
+  """Each file's dtype throughout: the release's, or an accepted alternative most of its tensors have."""
+  import collections
+  out = {}
+  for file_id, release in FILE_DTYPES.items():
+    counts = collections.Counter(files.shape_dtype(r.file, r.upstream)[1] for r in table if r.file == file_id)
+    top = counts.most_common(1)[0][0] if counts else release
+    out[file_id] = top if top in FILE_DTYPES_ALSO[file_id] else release
+  return out
 
 
 def load_upstream(folder, cfg: BagelConfig, abstract: dict, *, dtype=None, allow_extra: bool = False) -> dict:
