@@ -10,6 +10,11 @@
    question answering (all of an image's questions as one multi-turn conversation);
 4. evaluates: images generated for caption combinations never seen in training, read back by
    image analysis, and answers to questions about test images (bagel_jax/eval/shapes.py).
+
+To start from Hugging Face-format checkpoints instead (the `init.hf` path of pre-training):
+`python -m bagel_jax.weights.hf_random --out /tmp/hf_shapes`, then add `--config.init.hf.llm=/tmp/hf_shapes/qwen2
+--config.init.hf.vit=/tmp/hf_shapes/siglip --config.init.hf.vae=/tmp/hf_shapes/ae.safetensors
+--config.init.hf.vit_max_num_patch_per_side=4 --config.init.hf.max_latent_size=4 --config.init.hf.latent_patch_size=4`.
 """
 
 from bagel_jax.train import base_config
