@@ -57,15 +57,17 @@ class HFInitArgs:
   vit: str = ""  # vit_path: a SigLIP vision folder
   vae: str = ""  # vae_path: the FLUX ae.safetensors
   tokenizer: str = ""  # "" = the llm folder (upstream loads the tokenizer from llm_path)
+  # ModelArguments, in upstream's order
   llm_qk_norm: bool = True
   tie_word_embeddings: bool = False
-  copy_init_moe: bool = True
-  vit_select_layer: int = -2
-  vit_max_num_patch_per_side: int = 70
   max_latent_size: int = 32
   latent_patch_size: int = 2
+  vit_max_num_patch_per_side: int = 70
   connector_act: str = "gelu_pytorch_tanh"
   interpolate_pos: bool = False
+  vit_select_layer: int = -2
+  # TrainingArguments
+  copy_init_moe: bool = True
   timestep_shift: float = 1.0
   seed: int = 4396  # our stream for the new modules (upstream: torch's RNG after set_seed(global_seed))
 
