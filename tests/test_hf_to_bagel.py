@@ -44,6 +44,7 @@ def converted(tmp_path_factory):
   out = tmp_path_factory.mktemp("hf2bagel")
   hf_to_bagel.main([str(a) for a in ARGS + ["--dst", out / "release"]])
   hf_to_bagel.main([str(a) for a in ARGS + ["--dst", out / "orbax", "--format", "orbax"]])
+  hf_to_bagel.main([str(a) for a in ARGS + ["--dst", out / "bf16", "--dtype", "bfloat16"]])
   init = HFInit(fixture_args())
   return out, init, single_device_params(init, init.cfg)
 
@@ -70,6 +71,9 @@ def test_release_and_orbax_folders_load_in_inference_and_give_the_same_params(co
   model = BagelModel(init.cfg)
   same_params(model.load_upstream(out / "release"), params)
   same_params(load_checkpoint(out / "orbax"), params)
+  bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params)
+  bf16["vae"] = params["vae"]  # ae.safetensors stays float32
+  same_params(model.load_upstream(out / "bf16"), bf16)
   inf = Inferencer.from_checkpoint(out / "release", dtype=jax.numpy.float32, attention_impl="reference")
   same_params(inf.params, params)
   assert inf.tokenizer.token_to_id("<|vision_start|>") == init.cfg.tokens.start_of_image

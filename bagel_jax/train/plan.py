@@ -247,7 +247,8 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     ckpt = _get(config, "model.checkpoint", default="") or _get(config, "init.hf.llm", default="")
     if ckpt and not pathlib.Path(ckpt).is_dir():
       # The release folder is not needed for a plan: its configs are the bagel_7b_mot preset.
-      out(f"plan: model.checkpoint {ckpt!r} is not here; using the bagel_7b_mot preset (the release's configs)")
+      out(f"plan: {ckpt!r} (model.checkpoint or init.hf.llm) is not here; using the bagel_7b_mot preset "
+          "(the release's configs)")
       cfg, preset = C.bagel_7b_mot(), "bagel_7b_mot"
     else:
       cfg = model_config(config)

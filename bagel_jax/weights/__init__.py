@@ -6,6 +6,12 @@
     orbax_stream.py    Orbax saves written slice by slice, and slice reads of saved states
     folders.py         atomic output folders
     load.py            `load_checkpoint`: a converted folder restored into its shardings
+    stream_tree.py     the table's tensors as a tree of streamed Orbax leaves (the converters' saves)
+    place.py           parameters placed slice by slice into their shardings from upstream-layout tensors
+    hf_checkpoint.py   a Hugging Face model folder (config.json, safetensors shards + index), checked
+    hf_init.py         BAGEL for pre-training from Qwen2.5 + SigLIP + FLUX, as upstream's main() builds it
+    hf_export.py       an hf_init model written as a release-layout or Orbax folder (streamed, atomic)
+    hf_random.py       random models in Hugging Face format (tests, the shapes demo)
 
 The converters (`convert/`), the trainer and the inferencer all go through these modules.
 """
