@@ -89,7 +89,7 @@ def bagel_config_json(init: HFInit) -> dict[str, Any]:
 
 def side_texts(init: HFInit) -> dict[str, str]:
   """Every small file of the output folder but conversion.json: configs and tokenizer files."""
-  from bagel_jax.hf_tokenizer import tokenizer_config_json, tokenizer_json
+  from bagel_jax.weights.hf_tokenizer import tokenizer_config_json, tokenizer_json
   dump = lambda d: json.dumps(d, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
   out = {p.name: p.read_text(encoding="utf-8") for p in side_files(init.vocab.folder) if p.name != "config.json"}
   gen = init.llm.folder / "generation_config.json"

@@ -20,7 +20,7 @@ holds when `main()` has built the model), each produced on demand by one rule:
   tensor name; torch's RNG itself is not reproduced); llm2vae zeros (`Bagel._init_weights`);
   vit_pos_embed / latent_pos_embed the 2-D sin-cos tables;
 - vocabulary (`add_special_tokens` + `resize_token_embeddings(len(tokenizer))`, see
-  `bagel_jax.hf_tokenizer`): when the tokenizer lacks BAGEL's special tokens, embed_tokens
+  `bagel_jax.weights.hf_tokenizer`): when the tokenizer lacks BAGEL's special tokens, embed_tokens
   and lm_head get `len(tokenizer)` rows: the old rows kept (or cut), each new row the mean of
   the old rows of its table (transformers' mean_resizing samples around that mean with
   1e-9 x their covariance; the noise is left out).
@@ -227,7 +227,7 @@ class HFInit:
   """
 
   def __init__(self, args: HFInitArgs):
-    from bagel_jax.hf_tokenizer import bagel_vocab, read_vocabulary
+    from bagel_jax.weights.hf_tokenizer import bagel_vocab, read_vocabulary
 
     check_args(args)
     self.args = args
