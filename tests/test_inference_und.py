@@ -9,6 +9,7 @@ from bagel_jax.config import load_config
 from bagel_jax.inference import ImageInput, Inferencer, load_tokenizer
 from bagel_jax.inference.text import filter_logits
 from bagel_jax.inference.text import strip_generated
+from bagel_jax.tokenizer import check_special_tokens
 from tests.conftest import FIXTURE_DIR, rel_err
 
 TOL = 1e-4  # CASES.md: max(1e-4, 10 x the float32 noise floor 3.4e-7)
@@ -87,7 +88,7 @@ def test_tiny_tokenizer():
   assert max(ids) < 499 and tok.decode(ids) == "A red cat on a table."
   assert [tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")] == \
       [500, 501, 508, 509]
-  tok.check(load_config(FIXTURE_DIR).tokens, 512)
+  check_special_tokens(tok, load_config(FIXTURE_DIR).tokens, 512)
   assert strip_generated(tok.decode([500] + ids)) == "A red cat on a table."
   assert strip_generated("<|im_start|>hi<|im_end|>junk") == "hi"
 
