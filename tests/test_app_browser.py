@@ -25,6 +25,8 @@ from PIL import Image
 
 from tests.conftest import FIXTURE_DIR
 
+pytestmark = pytest.mark.browser
+
 TOKENIZER = FIXTURE_DIR.parent / "tokenizer" / "tokenizer.json"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -171,3 +173,13 @@ def test_generate_and_understand_in_the_browser(app, tmp_path):
   seen = denoising_progress(url)
   assert seen and {d for d, _, _ in seen} == {"denoising"} and {n for _, _, n in seen} == {49}, seen
   assert "Traceback" not in log.read_text()
+
+
+def test_a_missing_browser_is_a_stated_skip_or_a_failure(monkeypatch):
+  monkeypatch.setattr(sys.modules[__name__], "chromium", lambda: None)
+  monkeypatch.delenv("BAGEL_REQUIRE_BROWSER", raising=False)
+  with pytest.raises(pytest.skip.Exception, match="no Chromium installed"):
+    browser_or_skip()
+  monkeypatch.setenv("BAGEL_REQUIRE_BROWSER", "1")
+  with pytest.raises(pytest.fail.Exception, match="BAGEL_REQUIRE_BROWSER=1 requires the browser test"):
+    browser_or_skip()

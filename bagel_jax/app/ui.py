@@ -25,18 +25,23 @@ GEN_NAMES = ["think", "seed", "cfg_text_scale", "cfg_interval", "cfg_renorm_type
              "num_timesteps", "timestep_shift", "do_sample", "max_think_token_n", "text_temperature"]
 
 
-class ImageUpload(gr.Image):
-  """gr.Image whose unreadable uploads become one message in the page (not a processing trace)."""
+def image_upload(**kw: Any) -> gr.Image:
+  """gr.Image whose unreadable uploads become one message in the page (not a processing trace).
 
-  is_template = True  # the browser side is gr.Image's
+  (The instance's preprocess is wrapped: a gr.Image subclass would make gradio write a .pyi here.)"""
+  image = gr.Image(**kw)
+  plain = image.preprocess
 
-  def preprocess(self, payload):
+  def preprocess(payload):
     try:
-      return super().preprocess(payload)
+      return plain(payload)
     except gr.Error:
       raise
     except Exception as e:  # PIL: UnidentifiedImageError, DecompressionBombError, truncated files, ...
-      raise gr.Error(f"{self.label}: not a readable image file ({type(e).__name__})", print_exception=False) from None
+      raise gr.Error(f"{image.label}: not a readable image file ({type(e).__name__})", print_exception=False) from None
+
+  image.preprocess = preprocess
+  return image
 
 
 @contextlib.contextmanager
@@ -146,7 +151,7 @@ def text_to_image_tab(service: svc.Service) -> None:
       rest = _renorm_and_steps(d, 5.0)
       params, thinking_inputs = _thinking_params(d)
       cache = step_cache_controls()
-  thinking = gr.Textbox(label="Thinking Process", visible=False, elem_id="t2i-thinking")
+  thinking = _thinking_box("t2i")
   image = _output_image("Generated Image", "t2i-image")
   button = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
   _thinking_toggle(think, thinking, params)
@@ -159,17 +164,29 @@ def text_to_image_tab(service: svc.Service) -> None:
   gr.on(triggers=[button.click, prompt.submit], fn=run, inputs=inputs, outputs=[image, thinking], api_name="text_to_image")
 
 
+def _image_task(tab: str, service: svc.Service, outputs):
+  """Upstream's layout of the edit and understanding tabs: input image and prompt | `outputs()`; Thinking.
+
+  outputs: makes the right column's components (the thinking box among them, created in its place)."""
+  with gr.Row():
+    with gr.Column(scale=1):
+      source = image_upload(label="Input Image", type="filepath", sources=["upload", "clipboard"], elem_id=f"{tab}-input")
+      prompt = gr.Textbox(label="Prompt", value=service.prompts.get(tab, ""), elem_id=f"{tab}-prompt")
+    with gr.Column(scale=1):
+      made = outputs()
+  with gr.Row():
+    think = gr.Checkbox(label="Thinking", value=False, elem_id=f"{tab}-think")
+  return source, prompt, made, think
+
+
+def _thinking_box(tab: str):
+  return gr.Textbox(label="Thinking Process", visible=False, elem_id=f"{tab}-thinking")
+
+
 def edit_tab(service: svc.Service) -> None:
   d = svc.EDIT
-  with gr.Row():
-    with gr.Column(scale=1):
-      source = ImageUpload(label="Input Image", type="filepath", sources=["upload", "clipboard"], elem_id="edit-input")
-      prompt = gr.Textbox(label="Prompt", value=service.prompts.get("edit", ""), elem_id="edit-prompt")
-    with gr.Column(scale=1):
-      result = _output_image("Result", "edit-image")
-      thinking = gr.Textbox(label="Thinking Process", visible=False, elem_id="edit-thinking")
-  with gr.Row():
-    think = gr.Checkbox(label="Thinking", value=d.think, elem_id="edit-think")
+  source, prompt, (result, thinking), think = _image_task(
+      "edit", service, lambda: (_output_image("Result", "edit-image"), _thinking_box("edit")))
   with gr.Accordion("Inference Hyperparameters", open=False):
     with gr.Group():
       with gr.Row():
@@ -195,15 +212,8 @@ def edit_tab(service: svc.Service) -> None:
 
 def understanding_tab(service: svc.Service) -> None:
   d = svc.UND
-  with gr.Row():
-    with gr.Column(scale=1):
-      source = ImageUpload(label="Input Image", type="filepath", sources=["upload", "clipboard"], elem_id="und-input")
-      prompt = gr.Textbox(label="Prompt", value=service.prompts.get("und", ""), elem_id="und-prompt")
-    with gr.Column(scale=1):
-      thinking = gr.Textbox(label="Thinking Process", visible=False, elem_id="und-thinking")
-      answer = gr.Textbox(label="Result", lines=20, elem_id="und-answer")
-  with gr.Row():
-    think = gr.Checkbox(label="Thinking", value=d.think, elem_id="und-think")
+  source, prompt, (thinking, answer), think = _image_task(
+      "und", service, lambda: (_thinking_box("und"), gr.Textbox(label="Result", lines=20, elem_id="und-answer")))
   with gr.Accordion("Inference Hyperparameters", open=False):
     with gr.Row():
       sample = gr.Checkbox(label="Sampling", value=d.do_sample, info="Enable sampling for text generation")
@@ -237,4 +247,4 @@ def build(service: svc.Service, *, title: str = "BAGEL") -> gr.Blocks:
   return demo
 
 
-__all__ = ["build", "step_cache_controls", "page_errors", "reporter", "ImageUpload", "CSS"]
+__all__ = ["build", "step_cache_controls", "page_errors", "reporter", "image_upload", "CSS"]

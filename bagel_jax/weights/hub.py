@@ -120,8 +120,8 @@ def _hub_error(spec: str, e: Exception) -> CheckpointError:
     return CheckpointError(f"{spec}: no such local folder, and no such model repo on the Hugging Face Hub "
                            "(or it is private: log in with `hf auth login`)")
   if isinstance(e, _local_errors()):
-    return CheckpointError(f"{spec}: no such local folder, and not in the Hugging Face cache {cache_dir()} "
-                           f"(HF_HUB_OFFLINE is set)")
+    why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
+    return CheckpointError(f"{spec}: no such local folder, and not in the Hugging Face cache {cache_dir()} ({why})")
   first = (str(e).strip().splitlines() or [""])[0]
   return CheckpointError(f"{spec}: no such local folder, and the Hugging Face Hub failed ({type(e).__name__}: "
                          f"{first[:200]})")
