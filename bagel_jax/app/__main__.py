@@ -88,12 +88,13 @@ def main(argv=None) -> int:
   from bagel_jax.config import ConfigError
   from bagel_jax.inference.errors import InferenceError
   from bagel_jax.tokenizer import TokenizerError
+  from bagel_jax.train.config import TrainConfigError
   from bagel_jax.weights.errors import CheckpointError
 
   t0 = time.time()
   try:
     service = load_service(args)
-  except (CheckpointError, ConfigError, InferenceError, TokenizerError) as e:
+  except (CheckpointError, ConfigError, InferenceError, TokenizerError, TrainConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
