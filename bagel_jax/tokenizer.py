@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import re
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from bagel_jax.config import SpecialTokens
 
@@ -42,12 +42,16 @@ class WordTokenizer:
 
   _split = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
-  def __init__(self, words: Sequence[str]):
+  def __init__(self, words: Sequence[str], special: Mapping[str, int] | None = None):
+    """special: the model's special tokens by name ("<|im_start|>": id), ids past the words: they are
+    never produced by `encode`, but `token_to_id` and `decode` know them (the inferencer needs both)."""
     self.words = list(words)
     self.ids = {w: i for i, w in enumerate(self.words)}
     if len(self.ids) != len(self.words):
       raise TokenizerError("WordTokenizer: duplicate words in the vocabulary")
     self.vocab_size = len(self.words)
+    self.special = dict(special or {})
+    self._special_names = {i: name for name, i in self.special.items()}
 
   def encode(self, text: str) -> list[int]:
     out = []
@@ -58,10 +62,10 @@ class WordTokenizer:
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    return " ".join(self.words[i] if 0 <= i < self.vocab_size else f"<{i}>" for i in ids)
+    return " ".join(self.words[i] if 0 <= i < self.vocab_size else self._special_names.get(i, f"<{i}>") for i in ids)
 
   def token_to_id(self, token: str) -> int | None:
-    return self.ids.get(token)
+    return self.ids.get(token, self.special.get(token))
 
 
 class QwenTokenizer:

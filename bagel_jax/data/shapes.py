@@ -48,7 +48,10 @@ WORDS = ("a", "at", "the", "top", "bottom", "left", "right", "zero", "one", "two
 
 
 def tokenizer() -> WordTokenizer:
-  return WordTokenizer(WORDS)
+  """The demo's words, and the model's special tokens by name (for the inferencer)."""
+  from bagel_jax.tokenizer import SPECIAL_NAMES
+  tokens = model_config().tokens
+  return WordTokenizer(WORDS, special={name: getattr(tokens, field) for field, name in SPECIAL_NAMES.items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import sys
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m bagel_jax.inference.chat", description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="upstream release folder or a folder converted to Orbax")
+  p.add_argument("--checkpoint", required=True, help="upstream release folder, a folder converted to Orbax, or a Hugging Face repo id")
   p.add_argument("--image", action="append", default=[], help="input image(s)")
   p.add_argument("--question", required=True)
   p.add_argument("--think", action="store_true")

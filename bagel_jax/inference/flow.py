@@ -178,14 +178,31 @@ def _tick(_):
     bar.update(1)
 
 
-class progress_bar:
-  """Context manager: shows a tqdm bar over the denoising steps of samplers compiled with progress=True."""
+class _Callback:
+  """tqdm's update/close for a callback `sink(steps done, total)` (e.g. a web page's progress bar)."""
 
-  def __init__(self, total: int, desc: str = "denoising", enabled: bool = True):
-    self.total, self.desc, self.enabled = total, desc, enabled
+  def __init__(self, sink, total: int):
+    self.sink, self.total, self.n = sink, total, 0
+
+  def update(self, k: int) -> None:
+    self.n += k
+    self.sink(self.n, self.total)
+
+  def close(self) -> None:
+    pass
+
+
+class progress_bar:
+  """Context manager: shows a tqdm bar over the denoising steps of samplers compiled with progress=True
+  (or, with `sink`, calls sink(steps done, total) after each step instead)."""
+
+  def __init__(self, total: int, desc: str = "denoising", enabled: bool = True, sink=None):
+    self.total, self.desc, self.enabled, self.sink = total, desc, enabled, sink
 
   def __enter__(self):
-    if self.enabled:
+    if self.sink is not None:
+      _PROGRESS["bar"] = _Callback(self.sink, self.total)
+    elif self.enabled:
       from tqdm import tqdm
       _PROGRESS["bar"] = tqdm(total=self.total, desc=self.desc, unit="step")
     return self

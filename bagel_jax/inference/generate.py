@@ -35,7 +35,7 @@ def _interval(text: str) -> tuple[float, float]:
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m bagel_jax.inference.generate", description=__doc__.splitlines()[0])
-  p.add_argument("--checkpoint", required=True, help="upstream release folder (configs, ema/ae safetensors, tokenizer.json) or a folder converted to Orbax")
+  p.add_argument("--checkpoint", required=True, help="upstream release folder (configs, ema/ae safetensors, tokenizer.json), a folder converted to Orbax, or a Hugging Face repo id (ByteDance-Seed/BAGEL-7B-MoT)")
   p.add_argument("--prompt", required=True)
   p.add_argument("--image", action="append", default=[], help="input image(s): makes it an edit")
   p.add_argument("--out", required=True, help="output PNG")

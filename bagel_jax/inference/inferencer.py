@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -219,7 +219,8 @@ class Inferencer:
   def from_checkpoint(cls, folder, *, tokenizer=None, dtype=None, quantize: str = "none",
                       attention_impl: str = "auto") -> "Inferencer":
     """Loads an upstream release folder (configs, ema.safetensors, ae.safetensors, tokenizer.json)
-    or a folder converted to Orbax by `convert.safetensors_to_orbax` (configs, `state/`, tokenizer).
+    or a folder converted to Orbax by `convert.safetensors_to_orbax` (configs, `state/`, tokenizer),
+    or a Hugging Face repo id ("ByteDance-Seed/BAGEL-7B-MoT", `bagel_jax.weights.hub`).
 
     dtype: compute/parameter dtype (default bfloat16 on accelerators, float32 on CPU);
     quantize: "int8" for weight-only int8 decoder kernels; tokenizer: a tokenizer.json path
@@ -231,7 +232,8 @@ class Inferencer:
     from bagel_jax.config import load_config
     from bagel_jax.inference.quantize import quantize_params
     from bagel_jax.tokenizer import load_tokenizer
-    folder = pathlib.Path(folder)
+    from bagel_jax.weights.hub import resolve_checkpoint
+    folder = resolve_checkpoint(folder, need_tokenizer=tokenizer is None)
     tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer.json")
     if dtype is None:
       dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -382,13 +384,14 @@ class Inferencer:
             cfg_text_scale: float = 3.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
             timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
             cfg_renorm_type: str = "global", image_shapes=(1024, 1024), global_renorm_over_batch: bool = False,
-            seed: int = 0, init_noise: Sequence[np.ndarray] | None = None, progress: bool = False,
+            seed: int = 0, init_noise: Sequence[np.ndarray] | None = None, progress: bool | Callable = False,
             record: bool = False, output: str = "pil") -> list[list]:
     """Runs several requests together (upstream's defaults). Returns, per request, its outputs:
     [text] (understanding), [image] or, with think, [reasoning text, image].
 
     output: "pil" (PIL images), or "array" (uint8 [H, W, 3]).  init_noise: per request
-    [h*w, p*p*z] float32 noise at t = 1 (else drawn from `seed`).
+    [h*w, p*p*z] float32 noise at t = 1 (else drawn from `seed`).  progress: True for a tqdm bar over
+    the denoising steps, or a callable (steps done, total) called after each step.
     """
     cfg = self.cfg
     key = jax.random.key(seed)
@@ -472,11 +475,11 @@ class Inferencer:
         x0 = jnp.stack([jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (n_tok, cfg.patch_latent_dim), jnp.float32)
                         for i in members])
       t0 = time.perf_counter()
-      with flow.progress_bar(len(ts), enabled=progress):
+      with flow.progress_bar(len(ts), enabled=bool(progress), sink=progress if callable(progress) else None):
         args = (stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on), jnp.float32(cfg_text_scale),
                 jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min))
         statics = dict(grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
-                       over_batch=global_renorm_over_batch, progress=progress)
+                       over_batch=global_renorm_over_batch, progress=bool(progress))
         if self.mesh is None:
           x, rec = flow.denoise(self.model, self.params, *args, record=record, **statics)
         else:

@@ -18,14 +18,14 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(
       preset="tiny",  # "tiny" | "7b_mot" | "shapes"; ignored when `checkpoint` is set
-      checkpoint="",  # a folder with llm_config.json / vit_config.json (release or converted): the model config
+      checkpoint="",  # a folder with llm_config.json / vit_config.json (release or converted), or a Hugging Face repo id
       max_latent_size=0,  # 0: as the preset / checkpoint (the release: 64, i.e. 1024 px)
       param_dtype="float32",  # master weights
       dtype="float32",  # compute ("bfloat16" on accelerators)
       attention="auto",
       remat="none",
   )
-  c.init = dict(checkpoint="")  # "" random init; or a release folder (ema.safetensors) or a converted Orbax folder
+  c.init = dict(checkpoint="")  # "" random init; or a release folder (ema.safetensors), a converted Orbax folder or a repo id
   # init.hf: start from Hugging Face checkpoints as upstream pre-training does (llm/vit/vae paths and
   # upstream's model arguments, bagel_jax.weights.hf_init.HFInitArgs); "" llm = not used
   c.init.hf = _hf_defaults()
@@ -116,7 +116,8 @@ def _model_config(config):
     return init_hf.open_hf(hf).cfg
   m = config.model
   if m.checkpoint:
-    return load_config(m.checkpoint)
+    from bagel_jax.weights.hub import resolve_checkpoint
+    return load_config(resolve_checkpoint(m.checkpoint, need_tokenizer=False))
   presets = {"tiny": bagel_tiny, "7b_mot": bagel_7b_mot}
   if m.preset == "shapes":
     from bagel_jax.data import shapes

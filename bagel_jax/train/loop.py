@@ -101,13 +101,15 @@ def prepare(config, workdir) -> Setup:
 
 # ----------------------------------------------------------------------------- 3. model, mesh and state
 def load_init_checkpoint(setup: Setup, model, shardings, vae_shardings):
-  """init.checkpoint: a converted Orbax folder (restored into the shardings) or a release folder."""
+  """init.checkpoint: a converted Orbax folder (restored into the shardings), a release folder, or a repo id of either."""
   from bagel_jax.config import load_config
   from bagel_jax.weights import table as weights
   from bagel_jax.weights.load import load_checkpoint
 
+  from bagel_jax.weights.hub import resolve_checkpoint
+
   src = setup.config.init.checkpoint
-  folder = pathlib.Path(src)
+  folder = resolve_checkpoint(src, need_tokenizer=False)
   abstract = model.abstract_params()
   if (folder / "state").is_dir():
     # Each device reads only its own slices, straight into the target shardings.

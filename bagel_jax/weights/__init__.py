@@ -12,6 +12,7 @@
     hf_init.py         BAGEL for pre-training from Qwen2.5 + SigLIP + FLUX, as upstream's main() builds it
     hf_export.py       an hf_init model written as a release-layout or Orbax folder (streamed, atomic)
     hf_random.py       random models in Hugging Face format (tests, the shapes demo)
+    hub.py             Hugging Face repo ids resolved to local folders (cache first, only the needed files)
 
 The converters (`convert/`), the trainer and the inferencer all go through these modules.
 """

@@ -46,7 +46,7 @@ def read_conversion_info(folder) -> dict:
 
 
 def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
-  """Restores a converted folder's parameters {"bagel": ..., "vae": ...} as jax.Arrays.
+  """Restores a converted folder's (or a Hugging Face repo id's) parameters {"bagel": ..., "vae": ...} as jax.Arrays.
 
   Shapes come from the folder's configs (`BagelModel(load_config(dir))`), checked against
   the checkpoint.  Each array is restored straight into its target sharding, reading only
@@ -65,7 +65,9 @@ def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
   from bagel_jax.api import BagelModel
   from bagel_jax.config import load_config
 
-  folder = pathlib.Path(dir).absolute()
+  from bagel_jax.weights.hub import resolve_checkpoint
+
+  folder = resolve_checkpoint(dir, need_tokenizer=False).absolute()
   state_dir = folder / STATE_DIR if (folder / STATE_DIR).is_dir() else folder
   cfg = load_config(folder if (folder / "llm_config.json").is_file() else state_dir.parent)
   model_abstract = BagelModel(cfg).abstract_params()
