@@ -77,9 +77,10 @@ class BagelModel:
   def forward(self, params: Params, batch: Batch) -> Outputs:
     return self._bagel(params).forward(batch)
 
-  def loss(self, params: Params, batch: Batch, ce_weight: float = 1.0, mse_weight: float = 1.0
-           ) -> tuple[jax.Array, Losses]:
-    parts = losses(self.forward(params, batch), batch, ce_weight, mse_weight)
+  def loss(self, params: Params, batch: Batch, ce_weight: float = 1.0, mse_weight: float = 1.0,
+           denominators: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Losses]:
+    """(total, parts); `denominators`: see `bagel_jax.model.bagel.losses`."""
+    parts = losses(self.forward(params, batch), batch, ce_weight, mse_weight, denominators)
     return parts.total, parts
 
   def encode_moments(self, params: Params, images: jax.Array) -> jax.Array:

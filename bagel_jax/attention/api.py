@@ -32,8 +32,9 @@ def choose_impl(platform: str, t: int, s: int) -> str:
   """The backend `impl='auto'` uses for this platform and shape.
 
   GPU: the Pallas Triton kernel (compute capability >= 8.0); TPU: the Pallas Mosaic kernel;
-  otherwise (CPU, or a GPU the kernel does not support) dense XLA for small problems and the
-  chunked XLA backend beyond 2^20 logits per head.
+  CPU: the block-sparse XLA backend (computes only blocks that can see each other); otherwise (a
+  GPU the kernel does not support) dense XLA for small problems and the chunked XLA backend beyond
+  2^20 logits per head.
   """
   for plat, impl in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")):
     if platform == plat:
@@ -41,6 +42,8 @@ def choose_impl(platform: str, t: int, s: int) -> str:
       if reason is None:
         return impl
       _log.debug("attention impl=auto: %s cannot run: %s", impl, reason)
+  if platform == "cpu":
+    return "xla_blocksparse"
   return "reference" if t * s <= 1 << 20 else "xla_chunked"
 
 

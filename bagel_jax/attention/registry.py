@@ -20,6 +20,7 @@ Backend = Callable[..., jax.Array]
 BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("bagel_jax.attention.reference", "reference_attention"),
     "xla_chunked": ("bagel_jax.attention.reference", "xla_chunked_attention"),
+    "xla_blocksparse": ("bagel_jax.attention.xla_blocksparse", "attention"),
     "flash_xla": ("bagel_jax.attention.flash_xla", "attention"),
     "pallas_gpu": ("bagel_jax.attention.pallas_gpu", "attention"),
     "pallas_tpu": ("bagel_jax.attention.pallas_tpu", "attention"),

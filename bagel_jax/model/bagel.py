@@ -126,9 +126,13 @@ class Losses:
   num_mse: jax.Array
 
 
-def losses(out: Outputs, batch: Batch, ce_weight: float = 1.0, mse_weight: float = 1.0) -> Losses:
+def losses(out: Outputs, batch: Batch, ce_weight: float = 1.0, mse_weight: float = 1.0,
+           denominators: tuple[jax.Array, jax.Array] | None = None) -> Losses:
   """Upstream's normalisation: CE = sum(w * ce) / sum(w) over CE tokens (w = 1 unless reweighted);
-  MSE = sum over noisy tokens (t > 0) of the mean over 64 dims / number of noisy tokens."""
+  MSE = sum over noisy tokens (t > 0) of the mean over 64 dims / number of noisy tokens.
+
+  `denominators` = (sum of w, number of noisy tokens) of a larger batch this one is part of
+  (gradient accumulation); by default this batch's own."""
   lay = batch.layout
   logits = out.ce_logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
@@ -136,12 +140,14 @@ def losses(out: Outputs, batch: Batch, ce_weight: float = 1.0, mse_weight: float
   ce_tok = lse - picked
   w = lay.ce_weights
   num_ce = jnp.sum(w > 0)
-  ce = jnp.sum(ce_tok * w) / jnp.maximum(jnp.sum(w), 1e-12)
+  ce_den = jnp.maximum(jnp.sum(w), 1e-12) if denominators is None else denominators[0]
+  ce = jnp.sum(ce_tok * w) / ce_den
   target = batch.noise - batch.vae_latents
   mse_tok = jnp.mean((out.velocity - target.astype(jnp.float32)) ** 2, axis=-1)
   noisy = (lay.vae_noisy > 0) & (batch.timesteps > 0)
   num_mse = jnp.sum(lay.vae_noisy > 0)
-  mse = jnp.sum(jnp.where(noisy, mse_tok, 0.0)) / jnp.maximum(num_mse, 1)
+  mse_den = jnp.maximum(num_mse, 1) if denominators is None else denominators[1]
+  mse = jnp.sum(jnp.where(noisy, mse_tok, 0.0)) / mse_den
   total = ce_weight * ce + mse_weight * mse
   return Losses(total=total, ce=ce, mse=mse, ce_per_token=ce_tok, mse_per_token=mse_tok,
                 num_ce=num_ce, num_mse=num_mse)

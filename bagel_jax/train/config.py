@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       mesh="",  # e.g. "fsdp=8" or "data=2,fsdp=4"; "" = every device on fsdp
       sharding_rules={},  # logical axis -> mesh axes over sharding.DEFAULT_RULES, e.g. {"embed": "fsdp", "mlp": ""}
       peak_tflops=0.0,  # per device, for the MFU estimate (0: from the device kind, if known)
+      grad_accum_steps=1,  # micro-batches of data.rows rows per optimizer step (one compiled lax.scan)
   )
   c.vae_stage = dict(steps=0, group="", batch=32, lr=1e-3, kl_weight=1e-6, seed=0, stats_images=1024)
   c.eval = dict(kind="", use_ema=True, cfg_scale=4.0, num_steps=25, timestep_shift=1.0, gen_prompts_per_combo=4,
@@ -75,6 +76,8 @@ class TrainConfigError(ValueError):
 def check_mesh(config) -> None:
   """train.mesh fits the devices and data.rows splits over the batch axes (no compilation)."""
   from bagel_jax import sharding as shd
+  if int(config.train.grad_accum_steps) < 1:
+    raise TrainConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must be at least 1")
   rules = sharding_rules(config)
   try:
     mesh = shd.make_mesh(config.train.mesh or None)

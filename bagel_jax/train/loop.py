@@ -29,7 +29,8 @@ import numpy as np
 from bagel_jax.train import init_hf
 from bagel_jax.train.config import (TrainConfigError, check_mesh, check_tokenizer, dtype_of, model_config,
                                     sharding_rules)
-from bagel_jax.train.metrics import MetricsWriter, attention_flops, flops_per_token, peak_flops, tokens_sq
+from bagel_jax.train.flops import step_flops
+from bagel_jax.train.metrics import MetricsWriter, peak_flops, tokens_sq
 from bagel_jax.train.vae_stage import vae_stage
 
 _log = logging.getLogger("bagel_jax.train")
@@ -221,7 +222,8 @@ def build_run(setup: Setup) -> Run:
   ema = float(config.train.ema_decay) > 0
   hp = ts.StepConfig(ce_weight=float(config.train.ce_weight), mse_weight=float(config.train.mse_weight),
                      timestep_shift=float(config.train.timestep_shift),
-                     ema_decay=float(config.train.ema_decay) if ema else None, frozen=patterns)
+                     ema_decay=float(config.train.ema_decay) if ema else None, frozen=patterns,
+                     grad_accum_steps=int(config.train.grad_accum_steps))
   abstract_state = jax.eval_shape(lambda p: ts.init_train_state(p, tx, jax.random.key(0), ema), abstract["bagel"])
   state_sh = shd.train_state_shardings(abstract_state, mesh, rules)
 
@@ -270,7 +272,6 @@ class StepLog:
     self.r, self.writer, self.bar = r, writer, bar
     self.cfg = r.model.cfg
     self.peak = peak_flops(config)
-    self.fpt = flops_per_token(self.cfg)
     self.log_every = int(config.train.log_every)
     self.steps = int(config.train.steps)
     self.max_streak = int(config.train.max_nonfinite_streak)
@@ -296,7 +297,7 @@ class StepLog:
                                "stopping. Lower the learning rate or check the data.")
     self.acc.append(m)
     self.tok_acc += info["tokens"]
-    self.flops_acc += self.fpt * info["tokens"] + attention_flops(self.cfg, info["tokens_sq"])
+    self.flops_acc += step_flops(self.cfg.llm, info["tokens"], info["tokens_sq"])
     if s % self.log_every and s != self.steps:
       return
     dt = max(time.time() - self.t_last, 1e-9)
@@ -311,7 +312,11 @@ class StepLog:
     for g, k in info["samples_per_group"].items():
       out[f"samples/{names[int(g)] if int(g) < len(names) else g}"] = k
     self.writer.write(s, out)
-    self.bar.set_postfix(loss=f"{out['loss']:.4f}", ce=f"{out['ce']:.3f}", mse=f"{out['mse']:.4f}")
+    bar = dict(loss=f"{out['loss']:.4f}", ce=f"{out['ce']:.3f}", mse=f"{out['mse']:.4f}",
+               tok_s=f"{out['tokens_per_s']:.0f}")
+    if "mfu" in out:
+      bar["mfu"] = f"{100 * out['mfu']:.1f}%"
+    self.bar.set_postfix(**bar)
     self.last = {"step": s, **out}
     self.acc.clear()
     self.t_last, self.tok_acc, self.flops_acc = time.time(), 0, 0.0
@@ -338,6 +343,20 @@ class StopSignal:
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def next_batch(data_iter, n: int):
+  """The next step's TrainBatch and info: `n` pipeline batches (micro-batches), rows interleaved as
+  the accumulating step expects; info of the last one with tokens and tokens_sq summed over all."""
+  from bagel_jax.train import accumulate
+  from bagel_jax.train import step as ts
+
+  parts = [next(data_iter) for _ in range(n)]
+  batches = [ts.TrainBatch(layout=a["layout"], vit_patches=a["vit_patches"], vae_images=a["vae_images"])
+             for a, _ in parts]
+  info = dict(parts[-1][1], tokens=sum(i["tokens"] for _, i in parts),
+              tokens_sq=sum(tokens_sq(b.layout) for b in batches))
+  return (batches[0] if n == 1 else accumulate.interleave(batches)), info
 
 
 def compile_step(r: Run, batch):
@@ -375,9 +394,7 @@ def train_loop(r: Run, log: StepLog, stop: StopSignal, bar) -> int:
   pending = None  # (step, metrics, info) of the step in flight
   step = r.start
   while step < steps:
-    arrays, info = next(r.data_iter)
-    info = dict(info, tokens_sq=tokens_sq(arrays["layout"]))
-    batch = ts.TrainBatch(layout=arrays["layout"], vit_patches=arrays["vit_patches"], vae_images=arrays["vae_images"])
+    batch, info = next_batch(r.data_iter, r.hp.grad_accum_steps)
     if step_fn is None:
       step_fn, batch_sh = compile_step(r, batch)
       t0 = time.time()

@@ -27,20 +27,6 @@ def peak_flops(config) -> float | None:
   return None
 
 
-def flops_per_token(cfg) -> float:
-  """Training FLOPs per LLM token: 6 x the parameters one token passes through (one expert)."""
-  llm = cfg.llm
-  d, f, hd = llm.hidden_size, llm.intermediate_size, llm.head_dim
-  per_layer = d * (llm.num_attention_heads * hd) * 2 + d * (llm.num_key_value_heads * hd) * 2 + 3 * d * f
-  return 6.0 * llm.num_hidden_layers * per_layer
-
-
-def attention_flops(cfg, sum_sq_len: float) -> float:
-  """fwd+bwd attention score/value FLOPs for samples of these lengths (masked blocks counted as half)."""
-  llm = cfg.llm
-  return 6.0 * llm.num_hidden_layers * llm.num_attention_heads * llm.head_dim * sum_sq_len
-
-
 class MetricsWriter:
 
   def __init__(self, workdir: pathlib.Path, enabled: bool):
