@@ -28,13 +28,19 @@ from bagel_jax.attention.registry import IMPLS, BackendUnavailable, load, why_no
 _log = logging.getLogger(__name__)
 
 
+# Below this many query rows the block loop has little to skip and dense XLA is kept (decoding, the
+# shapes demo's 128-token rows).
+BLOCKSPARSE_MIN_T = 256
+
+
 def choose_impl(platform: str, t: int, s: int) -> str:
   """The backend `impl='auto'` uses for this platform and shape.
 
   GPU: the Pallas Triton kernel (compute capability >= 8.0); TPU: the Pallas Mosaic kernel;
-  CPU: the block-sparse XLA backend (computes only blocks that can see each other); otherwise (a
-  GPU the kernel does not support) dense XLA for small problems and the chunked XLA backend beyond
-  2^20 logits per head.
+  CPU with at least `BLOCKSPARSE_MIN_T` queries (training rows, prefill): the block-sparse XLA
+  backend (computes only blocks that can see each other); otherwise (short queries such as text
+  decoding, or a GPU the kernel does not support) dense XLA for small problems and the chunked XLA
+  backend beyond 2^20 logits per head.
   """
   for plat, impl in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")):
     if platform == plat:
@@ -42,7 +48,7 @@ def choose_impl(platform: str, t: int, s: int) -> str:
       if reason is None:
         return impl
       _log.debug("attention impl=auto: %s cannot run: %s", impl, reason)
-  if platform == "cpu":
+  if platform == "cpu" and t >= BLOCKSPARSE_MIN_T:
     return "xla_blocksparse"
   return "reference" if t * s <= 1 << 20 else "xla_chunked"
 
