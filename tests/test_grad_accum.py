@@ -90,3 +90,14 @@ def test_memory_is_one_micro_batch():
 
   one, four = temp(1), temp(4)
   assert four < 1.5 * one, (one, four)
+
+
+def test_plan_reports_accumulated_micro_batches():
+  from bagel_jax.train.plan import RowMix, plan
+  lines = []
+  mix = RowMix(tokens=128, gen_images=1, gen_side=16, und_images=1, und_side=28, ce_tokens=16, caption=8)
+  fig = plan(None, "fsdp=4,tensor=2", preset="bagel_tiny", mix=mix, flops=False, compiler_options=FAST_COMPILE,
+             out=lines.append, grad_accum_steps=3)
+  text = "\n".join(lines)
+  assert "12 rows x 128 tokens" in text and "3 accumulated micro-batches of 4 rows" in text, text
+  assert fig["activations_and_temps"] > 0

@@ -226,8 +226,12 @@ def _with_layers(cfg, n: int):
 def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
          remat: str | None = None, layers: int | None = None, attention: str | None = None,
          step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
-         flops: bool = True, top: int = 0, compiler_options: dict | None = None, out=print) -> dict[str, Any]:
-  """Compiles the train step abstractly and returns (and prints) the per-device figures."""
+         flops: bool = True, top: int = 0, compiler_options: dict | None = None, out=print,
+         grad_accum_steps: int | None = None) -> dict[str, Any]:
+  """Compiles the train step abstractly and returns (and prints) the per-device figures.
+
+  With gradient accumulation (`grad_accum_steps`, default the config's train.grad_accum_steps) a
+  step holds that many micro-batches of rows_per_shard rows per shard."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -263,7 +267,8 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   overrides = _get(config, "train.sharding_rules", default=None)  # as the trainer applies them
   rules = shd.rules_with(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
   mesh = shd.make_mesh(mesh_spec)
-  rows = rows_per_shard * shd.batch_shards(mesh, rules)
+  accum = int(grad_accum_steps or _get(config, "train.grad_accum_steps", default=1))
+  rows = rows_per_shard * shd.batch_shards(mesh, rules) * accum
   full_layers = cfg.llm.num_hidden_layers
 
   def build(n_layers: int, attn: str):
@@ -281,7 +286,7 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     hp = StepConfig(ce_weight=float(_get(config, "train.ce_weight", default=1.0)),
                     mse_weight=float(_get(config, "train.mse_weight", default=1.0)),
                     timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
-                    ema_decay=ema_decay, frozen=tuple(frozen))
+                    ema_decay=ema_decay, frozen=tuple(frozen), grad_accum_steps=accum)
     state = jax.eval_shape(lambda p: init_train_state(p, tx, jax.random.key(0), ema_decay is not None),
                            params["bagel"])
     batch, lay = abstract_batch(model, mix, rows)
@@ -289,7 +294,8 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
 
   out(f"plan: {preset}, mesh {shd.describe(mesh)} ({mesh.size} fake CPU devices), {rows} rows x {mix.tokens} "
       f"tokens, remat={remat}, attention={attention}, params {param_dtype.name} / compute {dtype.name}, "
-      f"EMA {'on' if ema_decay is not None else 'off'}")
+      f"EMA {'on' if ema_decay is not None else 'off'}"
+      + (f", {accum} accumulated micro-batches of {rows // accum} rows (activations of one)" if accum > 1 else ""))
 
   # exact per-device state bytes at full depth (no compile)
   model, tx, hp, state, batch, lay, vae = build(full_layers, attention)
@@ -380,6 +386,8 @@ def main(argv=None) -> int:
   ap.add_argument("--tokens", type=int, default=None,
                   help="packed tokens per row (default: the config's data.capacity.tokens, else 32768)")
   ap.add_argument("--rows_per_shard", type=int, default=1)
+  ap.add_argument("--grad_accum_steps", type=int, default=None,
+                  help="micro-batches per step (default: the config's train.grad_accum_steps, else 1)")
   ap.add_argument("--gen_images", type=int, default=RowMix.gen_images)
   ap.add_argument("--gen_side", type=int, default=RowMix.gen_side)
   ap.add_argument("--und_images", type=int, default=RowMix.und_images)
@@ -414,7 +422,7 @@ def main(argv=None) -> int:
                und_side=a.und_side, ce_tokens=a.ce_tokens)
   fig = plan(config, a.mesh, preset=a.preset, mix=mix, remat=a.remat, layers=a.layers, attention=a.attention,
              step_time=a.step_time, peak_tflops=a.peak_tflops, rows_per_shard=a.rows_per_shard,
-             flops=not a.no_flops, top=a.top)
+             flops=not a.no_flops, top=a.top, grad_accum_steps=a.grad_accum_steps)
   return 0 if fig["fits_80gb"] else 1
 
 
