@@ -131,3 +131,7 @@ def test_mesh_and_rows_mismatch(tmp_path, no_compile):
   c.train.sharding_rules = {"mlp": "model"}
   with pytest.raises(ShardingError, match="'model' is not a mesh axis"):
     train.run(c, tmp_path / "w")
+  c.train.sharding_rules = {}
+  c.train.grad_accum_steps = 0
+  with pytest.raises(train.TrainConfigError, match=r"^train.grad_accum_steps=0 must be at least 1"):
+    train.run(c, tmp_path / "w")
