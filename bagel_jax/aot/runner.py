@@ -75,8 +75,10 @@ class Job:
       if not hasattr(C, a.preset):
         raise JobError(f"--preset {a.preset!r} is not a preset in bagel_jax.config")
       cfg = getattr(C, a.preset)()
+    elif config is not None:
+      cfg, _ = plan.model_config_or_preset(config, print)
     else:
-      cfg = plan.model_config_or_preset(config, print)
+      raise JobError("give a training --config or a model --preset")
     shapes = steps.Shapes(rows_per_shard=a.rows_per_shard, image=a.image, contexts=a.contexts, context=a.context,
                           decode_rows=a.decode_rows)
     tokens = a.tokens or int(plan._get(config, "data.capacity.tokens", default=32768))

@@ -156,6 +156,21 @@ def _gpu(name: str, gen: str, topo: str):
   return devices, spec
 
 
+TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+             "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "tpu7x"}
+
+
+def peak_for_kind(kind: str) -> float | None:
+  """bf16 peak FLOP/s of one device of this kind (a real device's `device_kind`), None if unknown."""
+  if kind in TPU_KINDS:
+    return TPU_CHIPS[TPU_KINDS[kind]][1] * 1e12  # one device per chip, except tpu7x (two)
+  try:
+    text = gpu_target_configs().get(kind)
+  except TargetError:
+    return None
+  return gpu_peak_flops(text) if text else None
+
+
 def resolve(name: str):
   """(abstract devices, TargetSpec) of a named target."""
   gen, topo = _parse(name)
@@ -166,5 +181,5 @@ def resolve(name: str):
   raise TargetError(f"unknown target {name!r}; known: {', '.join(known())} (e.g. v5e:2x2, h100:8)")
 
 
-__all__ = ["TargetSpec", "TargetError", "TPU_CHIPS", "GPU_KINDS", "resolve", "known", "gpu_target_configs",
+__all__ = ["TargetSpec", "TargetError", "TPU_CHIPS", "GPU_KINDS", "TPU_KINDS", "peak_for_kind", "resolve", "known", "gpu_target_configs",
            "gpu_peak_flops"]
