@@ -16,7 +16,6 @@ Exit status: 0 if everything fits, 1 if something does not, 2 for bad input.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     return 2
   if a.json:
     with open(a.json, "w") as f:
-      json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+      json.dump([r.to_json() for r in results], f, indent=1)
   return 0 if all(r.fits for r in results) else 1
 
 

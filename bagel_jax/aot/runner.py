@@ -25,20 +25,17 @@ class Result:
   attention: str
   layers: int
   compiled_layers: tuple[int, ...]  # (L,) or (K, 2K) when extrapolated
-  seconds: float
-  argument: int
-  output: int
-  alias: int
-  temp: int
-  code: int
-  total: int
-  memory_limit: int
-  fits: bool
-  kernels: int
-  collectives: dict[str, int]
-  flops: float | None  # per device, full depth (cost analysis of 0- and 1-layer compiles)
-  bytes_accessed: float | None
+  report: analysis.CompileReport  # per device, at full depth; flops / bytes from 0- and 1-layer compiles
   estimate_seconds: float | None  # roofline lower bound at peak rates
+
+  @property
+  def fits(self) -> bool:
+    return self.report.fits
+
+  def to_json(self) -> dict[str, Any]:
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k != "report"}
+    out.update(dataclasses.asdict(self.report), total=self.report.total, fits=self.report.fits)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,25 +153,24 @@ def run_program(job: Job, program: str, mesh, rules, spec: targets.TargetSpec) -
     layers = (k1, k2)
   flops, nbytes = _cost(job, program, mesh, rules, spec, full) if job.roofline else (None, None)
   est = analysis.roofline_seconds(flops, nbytes, spec) if flops is not None else None
-  return Result(spec.name, spec.device_kind, shd.describe(mesh), program, job.attention, full, layers,
-                report.seconds, report.argument, report.output, report.alias, report.temp, report.code, report.total,
-                report.memory_limit, report.fits, report.kernels, report.collectives, flops, nbytes, est)
+  report = dataclasses.replace(report, flops=flops, bytes_accessed=nbytes)
+  return Result(spec.name, spec.device_kind, shd.describe(mesh), program, job.attention, full, layers, report, est)
 
 
 def describe(r: Result, job_roofline: bool = False) -> str:
-  g = 1024**3
-  coll = ", ".join(f"{k} {v}" for k, v in r.collectives.items() if v) or "none"
+  g, p = 1024**3, r.report
+  coll = ", ".join(f"{k} {v}" for k, v in p.collectives.items() if v) or "none"
   how = (f"EXTRAPOLATED from {r.compiled_layers[0]} and {r.compiled_layers[1]} layers to {r.layers}"
          if len(r.compiled_layers) == 2 else f"{r.layers} layers")
-  lines = [f"[{r.target}] {r.program} ({how}; mesh {r.mesh}; attention={r.attention}): compiled in {r.seconds:.1f} s",
-           f"  per device: arguments {r.argument / g:.2f} GiB, outputs {r.output / g:.2f} GiB (aliased "
-           f"{r.alias / g:.2f}), temporaries {r.temp / g:.2f} GiB, code {r.code / 2**20:.1f} MiB",
-           f"  total {r.total / g:.2f} GiB of {r.memory_limit / g:.1f} GiB ({r.device_kind}): "
-           f"{'fits' if r.fits else 'DOES NOT FIT'}",
-           f"  kernel custom calls: {r.kernels}{'  (no kernel: XLA attention)' if r.kernels == 0 else ''}; "
+  lines = [f"[{r.target}] {r.program} ({how}; mesh {r.mesh}; attention={r.attention}): compiled in {p.seconds:.1f} s",
+           f"  per device: arguments {p.argument / g:.2f} GiB, outputs {p.output / g:.2f} GiB (aliased "
+           f"{p.alias / g:.2f}), temporaries {p.temp / g:.2f} GiB, code {p.code / 2**20:.1f} MiB",
+           f"  total {p.total / g:.2f} GiB of {p.memory_limit / g:.1f} GiB ({r.device_kind}): "
+           f"{'fits' if p.fits else 'DOES NOT FIT'}",
+           f"  kernel custom calls: {p.kernels}{'  (no kernel: XLA attention)' if p.kernels == 0 else ''}; "
            f"collectives: {coll}"]
   if r.estimate_seconds is not None:
-    lines.append(f"  roofline ESTIMATE: {r.flops / 1e12:.2f} TFLOP and {r.bytes_accessed / 1e9:.2f} GB per device "
+    lines.append(f"  roofline ESTIMATE: {p.flops / 1e12:.2f} TFLOP and {p.bytes_accessed / 1e9:.2f} GB per device "
                  f"(cost analysis, layers scaled from 0/1-layer compiles) -> >= {r.estimate_seconds * 1e3:.1f} ms")
   elif job_roofline:
     lines.append("  roofline: the compiler gives no cost analysis for this target")
