@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# A compile-only tool: never initialise an accelerator backend, and share libtpu with other compilers.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 PROGRAMS = ("train", "denoise", "decode")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import mmap
+import os
 import pathlib
 import re
 
@@ -123,6 +124,9 @@ def _tpu(name: str, gen: str, topo: str):
   from jax.experimental import topologies
 
   kw = {"chip_config_name": "megacore"} if gen == "v4" else {}
+  # libtpu allows one process per host (/tmp/libtpu_lockfile); compiling needs no TPU, so let
+  # several compiling processes (parallel tests, two CLIs) load it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     desc = topologies.get_topology_desc(topology_name=f"{gen}:{topo}", platform="tpu", **kw)
   except Exception as e:  # libtpu missing, or a topology it does not know
