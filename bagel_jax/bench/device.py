@@ -62,7 +62,8 @@ def kernels(a, platform: str) -> dict[str, Any]:
 
   n, hq, hkv, d = (256, 4, 2, 64) if a.tiny else (8192, 28, 4, 128)
   impl, kw = _kernel_impl(platform)
-  ints = tuple(jnp.asarray(x)[None] for x in intervals(bagel_layout(n, 1), n))
+  samples = bagel_layout(n, 1)
+  ints = tuple(jnp.asarray(x)[None] for x in intervals(samples, n))
   key = jax.random.split(jax.random.PRNGKey(0), 4)
   q, do = (jax.random.normal(key[i], (1, n, hq, d), jnp.float32) for i in (0, 3))
   k, v = (jax.random.normal(key[i], (1, n, hkv, d), jnp.float32) for i in (1, 2))
@@ -76,13 +77,14 @@ def kernels(a, platform: str) -> dict[str, Any]:
   grads_ref = vjp_ref(do)
   res = {"impl": impl, "tokens": n, "heads": f"{hq}/{hkv}x{d}", "forward_rel_err": _rel(o, o_ref)}
   res.update({f"d{x}_rel_err": _rel(g, r) for x, g, r in zip("qkv", grads, grads_ref)})
-  # decode: the last 4 tokens of the row as queries against the whole row as the cache
-  t = 4
-  qi = (ints[0][:, -t:], ints[1][:, -t:], ints[2], ints[3])
-  qp = jnp.arange(n - t, n, dtype=jnp.int32)[None]
+  # decode: the last 4 tokens of the packed samples (not the padding) as queries, the row as the cache
+  t, used = 4, sum(length for sample in samples for length, _ in sample)
+  qi = (ints[0][:, used - t:used], ints[1][:, used - t:used], ints[2], ints[3])
+  qp = jnp.arange(used - t, used, dtype=jnp.int32)[None]
   dec_impl = "pallas_gpu" if platform == "gpu" else "xla"
-  dec = decode.attention(*bf(q[:, -t:], k, v), *qi, qp, scale=d**-0.5, impl=dec_impl)
-  want = reference.reference_attention(q[:, -t:], k, v, *qi, qp, scale=d**-0.5)
+  qd = q[:, used - t:used]
+  dec = decode.attention(*bf(qd, k, v), *qi, qp, scale=d**-0.5, impl=dec_impl)
+  want = reference.reference_attention(qd, k, v, *qi, qp, scale=d**-0.5)
   res.update(decode_impl=dec_impl, decode_rel_err=_rel(dec, want))
   res["ok"] = all(v < 2e-2 for k_, v in res.items() if k_.endswith("rel_err"))
   return res
@@ -113,7 +115,9 @@ def generate(a, platform: str) -> dict[str, Any]:
 def train(a, platform: str) -> dict[str, Any]:
   from bagel_jax.bench import train_step
 
-  return train_step.run(a.tiny, a.train_layers, a.train_tokens)
+  if a.tiny:  # the smoke run: 2 layers of the tiny model on 128 tokens
+    return train_step.run(True, 2, 128, reps=1)
+  return train_step.run(False, a.train_layers, a.train_tokens)
 
 
 def memory(a, platform: str) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def run(tiny: bool, layers: int, tokens: int, reps: int = 3) -> dict:
   peak = peak_for_kind(dev.device_kind)
   full = 28 if not tiny else layers
   res = {"device": dev.device_kind, "layers": layers, "tokens": tokens, "compile_s": round(compile_s, 2),
-         "step_s": round(t, 4), "model_tflop": round(flops / 1e12, 3), "tflops_per_s": round(flops / t / 1e12, 2)}
+         "step_s": round(t, 4), "model_tflop": flops / 1e12, "tflops_per_s": flops / t / 1e12}
   if peak:
     res["mfu"] = round(flops / t / peak, 4)
     full_flops = plan.model_flops(cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=full)), lay, 1)
