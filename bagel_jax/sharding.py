@@ -351,6 +351,12 @@ def active_mesh() -> Mesh | None:
   return None if active is None else active[0]
 
 
+def active_rules() -> Rules | None:
+  """The rules of the innermost `use_rules` (None outside)."""
+  active = _ACTIVE.get()
+  return None if active is None else active[1]
+
+
 class MeshBound:
   """A jitted function that runs (and lowers) under `jax.set_mesh(mesh)`.
 

@@ -23,7 +23,8 @@ import logging
 
 import jax
 
-from bagel_jax.attention.registry import IMPLS, BackendUnavailable, load, why_not
+from bagel_jax.attention import sharded, target
+from bagel_jax.attention.registry import IMPLS, KERNELS, BackendUnavailable, load, why_not
 
 _log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ _log = logging.getLogger(__name__)
 BLOCKSPARSE_MIN_T = 256
 
 
-def choose_impl(platform: str, t: int, s: int) -> str:
-  """The backend `impl='auto'` uses for this platform and shape.
+def choose_impl(platform: str | target.Device, t: int, s: int) -> str:
+  """The backend `impl='auto'` uses for this platform (or target device) and shape.
 
   GPU: the Pallas Triton kernel (compute capability >= 8.0); TPU: the Pallas Mosaic kernel;
   CPU with at least `BLOCKSPARSE_MIN_T` queries (training rows, prefill): the block-sparse XLA
@@ -42,9 +43,11 @@ def choose_impl(platform: str, t: int, s: int) -> str:
   decoding, or a GPU the kernel does not support) dense XLA for small problems and the chunked XLA
   backend beyond 2^20 logits per head.
   """
+  device = platform if isinstance(platform, target.Device) else None
+  platform = device.platform if device is not None else platform
   for plat, impl in (("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")):
     if platform == plat:
-      reason = why_not(impl)
+      reason = why_not(impl, device)
       if reason is None:
         return impl
       _log.debug("attention impl=auto: %s cannot run: %s", impl, reason)
@@ -67,9 +70,12 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, impl
   if scale is None:
     scale = d**-0.5
   if impl == "auto":
-    impl = choose_impl(jax.default_backend(), t, s)
-    _log.debug("attention impl=auto chose %s for T=%d S=%d on %s", impl, t, s, jax.default_backend())
+    device = target.current()
+    impl = choose_impl(device, t, s)
+    _log.debug("attention impl=auto chose %s for T=%d S=%d on %s (%s)", impl, t, s, device.platform, device.kind)
   fn = load(impl)
+  if impl in KERNELS:  # XLA cannot partition these: one call per shard of the active mesh
+    return sharded.sharded_call(lambda *a: fn(*a, scale=scale), q, k, v, k_start, k_end, q_start, q_end, q_positions)
   return fn(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale=scale)
 
 

@@ -16,26 +16,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bagel_jax.attention import blocks
+from bagel_jax.attention import blocks, target
 from bagel_jax.attention.registry import BackendUnavailable
 from bagel_jax.attention.mask import dense_mask
 
 _PAD = 64
 
 
-def unavailable_reason(dtype=jnp.bfloat16, head_dim: int = 128) -> str | None:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError as e:  # pragma: no cover
-    return str(e)
+def unavailable_reason(dtype=jnp.bfloat16, head_dim: int = 128, device: target.Device | None = None) -> str | None:
+  dev = target.current() if device is None else device
   if dev.platform != "gpu":
-    return f"cudnn attention needs an NVIDIA GPU with cuDNN; the default backend is {dev.platform}"
+    return f"cudnn attention needs an NVIDIA GPU with cuDNN; the target is {dev.platform} ({dev.kind})"
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f"cudnn attention supports bf16/fp16 only, got {jnp.dtype(dtype).name}"
   if head_dim % 8:
     return f"cudnn attention needs a head dim that is a multiple of 8, got {head_dim}"
-  cc = getattr(dev, "compute_capability", None)
-  limit = 256 if cc is not None and float(cc) >= 9.0 else 128
+  cc = dev.compute_capability
+  limit = 256 if cc is not None and cc >= 9.0 else 128
   if head_dim > limit:
     return f"cudnn attention supports head dims up to {limit} on compute capability {cc}, got {head_dim}"
   return None

@@ -6,10 +6,10 @@ or past a row's length have an empty query interval), so most key chunks of a sh
 row are invisible; both paths here walk only the key chunks that the schedule of `blocks.py`
 marks visible for the whole query chunk, and never copy or pad the cache.
 
-- `attention(..., impl="xla")` (default): per sample, a loop over the visible key chunks with
+- `attention(..., impl="xla")` (the default, `impl="auto"`, except on GPU targets): per sample, a loop over the visible key chunks with
   an online softmax; GQA query heads share one K/V chunk read.  Forward only (a while loop with
   a data-dependent trip count has no reverse-mode derivative); training uses the other backends.
-- `attention(..., impl="pallas_gpu")`: the Triton kernel of `pallas_gpu`, with the query heads
+- `attention(..., impl="pallas_gpu")` (`impl="auto"` on an NVIDIA GPU target): the Triton kernel of `pallas_gpu`, with the query heads
   of a KV head packed as rows of one query block (so T = 1 still fills a 16-row tile and K/V are
   read once per KV head) and split-K over the visit list (flash-decoding).
 """
@@ -25,9 +25,12 @@ from bagel_jax.attention.mask import default_q_positions
 
 
 def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
-              impl: str = "xla", chunk_size: int = 256, num_splits: int = 8, interpret: bool | None = None):
+              impl: str = "auto", chunk_size: int = 256, num_splits: int = 8, interpret: bool | None = None):
   if q_positions is None:
     q_positions = default_q_positions(q.shape[0], q.shape[1])
+  if impl == "auto":  # the Triton split-K kernel where the target is a GPU it supports, else XLA
+    from bagel_jax.attention import pallas_gpu
+    impl = "pallas_gpu" if pallas_gpu.unavailable_reason() is None else "xla"
   if impl == "xla":
     return _xla(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale=scale, chunk=chunk_size)
   if impl == "pallas_gpu":

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bagel_jax.attention import blocks
+from bagel_jax.attention import blocks, target
 from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the Pallas interpreter (CPU tests)
@@ -64,23 +64,16 @@ def default_block_sizes(dtype) -> BlockSizes:
   return BlockSizes()
 
 
-def unavailable_reason() -> str | None:
-  """Why the compiled kernel cannot run here (None if it can)."""
-  try:
-    devs = jax.devices()
-  except RuntimeError as e:  # pragma: no cover
-    return str(e)
-  if devs[0].platform != "gpu":
-    return f"pallas_gpu needs an NVIDIA GPU (Triton); the default backend is {devs[0].platform}"
-  kind = getattr(devs[0], "device_kind", "")
-  cc = getattr(devs[0], "compute_capability", None)
-  if "nvidia" not in kind.lower() and cc is None:
-    return f"pallas_gpu needs an NVIDIA GPU, found {kind!r}"
-  try:
-    if cc is not None and float(cc) < 8.0:
-      return f"pallas_gpu needs compute capability >= 8.0 (A100 or newer), found {cc}"
-  except (TypeError, ValueError):
-    pass
+def unavailable_reason(device: target.Device | None = None) -> str | None:
+  """Why the compiled kernel cannot run on `device` (default: the active mesh's, see `target`)."""
+  device = target.current() if device is None else device
+  if device.platform != "gpu":
+    return f"pallas_gpu needs an NVIDIA GPU (Triton); the target is {device.platform} ({device.kind})"
+  cc = device.compute_capability
+  if "nvidia" not in device.kind.lower() and cc is None:
+    return f"pallas_gpu needs an NVIDIA GPU, found {device.kind!r}"
+  if cc is not None and cc < 8.0:
+    return f"pallas_gpu needs compute capability >= 8.0 (A100 or newer), found {cc}"
   return None
 
 

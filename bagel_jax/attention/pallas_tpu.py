@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from bagel_jax.attention import blocks
+from bagel_jax.attention import blocks, target
 from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the TPU interpreter (CPU tests)
@@ -60,13 +60,11 @@ def default_block_sizes(dtype) -> BlockSizes:
   return BlockSizes()
 
 
-def unavailable_reason() -> str | None:
-  try:
-    platform = jax.devices()[0].platform
-  except RuntimeError as e:  # pragma: no cover
-    return str(e)
-  if platform != "tpu":
-    return f"pallas_tpu needs a TPU; the default backend is {platform}"
+def unavailable_reason(device: target.Device | None = None) -> str | None:
+  """Why the compiled kernel cannot run on `device` (default: the active mesh's, see `target`)."""
+  device = target.current() if device is None else device
+  if device.platform != "tpu":
+    return f"pallas_tpu needs a TPU; the target is {device.platform} ({device.kind})"
   return None
 
 

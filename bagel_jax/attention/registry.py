@@ -14,6 +14,8 @@ from typing import Callable
 
 import jax
 
+from bagel_jax.attention import target
+
 Backend = Callable[..., jax.Array]
 
 # name -> (module, function)
@@ -49,15 +51,24 @@ def load(impl: str) -> Backend:
   return getattr(_module(impl), BACKENDS[impl][1])
 
 
+# Backends that XLA cannot partition (Pallas kernels, the decode loop): called per shard through
+# `sharded.sharded_call` under a mesh.
+KERNELS = frozenset({"pallas_gpu", "pallas_tpu", "decode"})
+
+
+def why_not(impl: str, device: target.Device | None = None) -> str | None:
+  """None if `impl` can run on `device` (default: the active mesh's, see `target.current`), else the reason."""
+  return _why_not(impl, target.current() if device is None else device)
+
+
 @functools.lru_cache(maxsize=None)
-def why_not(impl: str) -> str | None:
-  """None if `impl` can run on the default devices, else the reason."""
+def _why_not(impl: str, device: target.Device) -> str | None:
   try:
     module = _module(impl)
   except BackendUnavailable as e:
     return str(e)
   reason = getattr(module, "unavailable_reason", None)
-  return reason() if reason is not None else None
+  return reason(device=device) if reason is not None else None
 
 
-__all__ = ["BACKENDS", "IMPLS", "Backend", "BackendUnavailable", "load", "why_not"]
+__all__ = ["BACKENDS", "IMPLS", "KERNELS", "Backend", "BackendUnavailable", "load", "why_not"]

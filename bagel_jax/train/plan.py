@@ -75,6 +75,18 @@ class RowMix:
   caption: int = 64
 
 
+def add_row_mix_args(ap: argparse.ArgumentParser) -> None:
+  """--gen_images, --gen_side, --und_images, --und_side, --ce_tokens (the row mix; --tokens is separate)."""
+  for name in ("gen_images", "gen_side", "und_images", "und_side", "ce_tokens"):
+    ap.add_argument(f"--{name}", type=int, default=getattr(RowMix, name))
+
+
+def row_mix_from_args(a, config) -> RowMix:
+  tokens = a.tokens or int(_get(config, "data.capacity.tokens", default=32768))
+  return RowMix(tokens=tokens, gen_images=a.gen_images, gen_side=a.gen_side, und_images=a.und_images,
+                und_side=a.und_side, ce_tokens=a.ce_tokens)
+
+
 def row_plans(mix: RowMix, cfg) -> list:
   """One row's samples: generation (caption + noisy image), understanding (image + answer), text fill."""
   from bagel_jax import layout as L
@@ -223,6 +235,53 @@ def _with_layers(cfg, n: int):
   return cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=n))
 
 
+def model_config_or_preset(config, out=print):
+  """(BagelConfig, its name) of a training config; the bagel_7b_mot preset if its release folder is absent."""
+  import pathlib
+
+  from bagel_jax import config as C
+  from bagel_jax.train.config import model_config
+
+  ckpt = _get(config, "model.checkpoint", default="") or _get(config, "init.hf.llm", default="")
+  if ckpt and not pathlib.Path(ckpt).is_dir():
+    # The release folder is not needed to compile: its configs are the bagel_7b_mot preset.
+    out(f"plan: {ckpt!r} (model.checkpoint or init.hf.llm) is not here; using the bagel_7b_mot preset "
+        "(the release's configs)")
+    return C.bagel_7b_mot(), "bagel_7b_mot"
+  return model_config(config), ckpt or _get(config, "model.preset", default="?")
+
+
+def train_parts(cfg, config, *, attention: str, remat: str, mix: RowMix, rows: int, param_dtype, dtype,
+                grad_accum_steps: int = 1):
+  """(model, tx, hp, abstract state, abstract batch, packed layout of a row, abstract VAE params) of the
+  train step, with the optimizer, loss weights, EMA and frozen tables of `config` (defaults without one)."""
+  import jax
+  import optax
+
+  from bagel_jax.api import BagelModel
+  from bagel_jax.train.step import StepConfig, init_train_state
+
+  ema_decay = float(_get(config, "train.ema_decay", default=0.9999)) or None
+  model = BagelModel(cfg, param_dtype=param_dtype, dtype=dtype, attention_impl=attention, remat=remat)
+  params = model.abstract_params()
+  optim_cfg = _get(config, "optim")
+  if optim_cfg is not None:
+    from bagel_jax.train.optim import frozen_patterns, make_optimizer
+    tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.steps", default=1000)))
+    frozen = frozen_patterns(optim_cfg)
+  else:
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-15))
+    from bagel_jax.train.step import FROZEN_TABLES as frozen
+  hp = StepConfig(ce_weight=float(_get(config, "train.ce_weight", default=1.0)),
+                  mse_weight=float(_get(config, "train.mse_weight", default=1.0)),
+                  timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
+                  ema_decay=ema_decay, frozen=tuple(frozen), grad_accum_steps=grad_accum_steps)
+  state = jax.eval_shape(lambda p: init_train_state(p, tx, jax.random.key(0), ema_decay is not None),
+                         params["bagel"])
+  batch, lay = abstract_batch(model, mix, rows)
+  return model, tx, hp, state, batch, lay, params["vae"]
+
+
 def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
          remat: str | None = None, layers: int | None = None, attention: str | None = None,
          step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
@@ -232,31 +291,16 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
 
   With gradient accumulation (`grad_accum_steps`, default the config's train.grad_accum_steps) a
   step holds that many micro-batches of rows_per_shard rows per shard."""
-  import jax
   import jax.numpy as jnp
-  import optax
 
   from bagel_jax import config as C
   from bagel_jax import sharding as shd
-  from bagel_jax.api import BagelModel
-  from bagel_jax.train.step import StepConfig, init_train_state
 
   if preset is not None or config is None:
     preset = preset or "bagel_7b_mot"
     cfg = getattr(C, preset)()
   else:
-    import pathlib
-
-    from bagel_jax.train.config import model_config
-    ckpt = _get(config, "model.checkpoint", default="") or _get(config, "init.hf.llm", default="")
-    if ckpt and not pathlib.Path(ckpt).is_dir():
-      # The release folder is not needed for a plan: its configs are the bagel_7b_mot preset.
-      out(f"plan: {ckpt!r} (model.checkpoint or init.hf.llm) is not here; using the bagel_7b_mot preset "
-          "(the release's configs)")
-      cfg, preset = C.bagel_7b_mot(), "bagel_7b_mot"
-    else:
-      cfg = model_config(config)
-      preset = ckpt or _get(config, "model.preset", default="?")
+    cfg, preset = model_config_or_preset(config, out)
   remat = remat or _get(config, "model.remat", default="full")
   attention = attention or "flash_xla"
   if attention in ("auto", "pallas_gpu", "pallas_tpu", "cudnn"):
@@ -272,25 +316,8 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   full_layers = cfg.llm.num_hidden_layers
 
   def build(n_layers: int, attn: str):
-    model = BagelModel(_with_layers(cfg, n_layers), param_dtype=param_dtype, dtype=dtype,
-                       attention_impl=attn, remat=remat)
-    params = model.abstract_params()
-    optim_cfg = _get(config, "optim")
-    if optim_cfg is not None:
-      from bagel_jax.train.optim import frozen_patterns, make_optimizer
-      tx, _ = make_optimizer(optim_cfg, params["bagel"], int(_get(config, "train.steps", default=1000)))
-      frozen = frozen_patterns(optim_cfg)
-    else:
-      tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, eps=1e-15))
-      from bagel_jax.train.step import FROZEN_TABLES as frozen
-    hp = StepConfig(ce_weight=float(_get(config, "train.ce_weight", default=1.0)),
-                    mse_weight=float(_get(config, "train.mse_weight", default=1.0)),
-                    timestep_shift=float(_get(config, "train.timestep_shift", default=1.0)),
-                    ema_decay=ema_decay, frozen=tuple(frozen), grad_accum_steps=accum)
-    state = jax.eval_shape(lambda p: init_train_state(p, tx, jax.random.key(0), ema_decay is not None),
-                           params["bagel"])
-    batch, lay = abstract_batch(model, mix, rows)
-    return model, tx, hp, state, batch, lay, params["vae"]
+    return train_parts(_with_layers(cfg, n_layers), config, attention=attn, remat=remat, mix=mix, rows=rows,
+                       param_dtype=param_dtype, dtype=dtype, grad_accum_steps=accum)
 
   out(f"plan: {preset}, mesh {shd.describe(mesh)} ({mesh.size} fake CPU devices), {rows} rows x {mix.tokens} "
       f"tokens, remat={remat}, attention={attention}, params {param_dtype.name} / compute {dtype.name}, "
@@ -388,11 +415,7 @@ def main(argv=None) -> int:
   ap.add_argument("--rows_per_shard", type=int, default=1)
   ap.add_argument("--grad_accum_steps", type=int, default=None,
                   help="micro-batches per step (default: the config's train.grad_accum_steps, else 1)")
-  ap.add_argument("--gen_images", type=int, default=RowMix.gen_images)
-  ap.add_argument("--gen_side", type=int, default=RowMix.gen_side)
-  ap.add_argument("--und_images", type=int, default=RowMix.und_images)
-  ap.add_argument("--und_side", type=int, default=RowMix.und_side)
-  ap.add_argument("--ce_tokens", type=int, default=RowMix.ce_tokens)
+  add_row_mix_args(ap)
   ap.add_argument("--remat", default=None, help="remat policy (default: the config's model.remat, else 'full')")
   ap.add_argument("--attention", default=None,
                   help="attention impl for the memory compile (default flash_xla: a flash-style XLA stand-in "
@@ -417,9 +440,7 @@ def main(argv=None) -> int:
       return 2
 
   config = _load_config(a.config)
-  tokens = a.tokens or int(_get(config, "data.capacity.tokens", default=32768))
-  mix = RowMix(tokens=tokens, gen_images=a.gen_images, gen_side=a.gen_side, und_images=a.und_images,
-               und_side=a.und_side, ce_tokens=a.ce_tokens)
+  mix = row_mix_from_args(a, config)
   fig = plan(config, a.mesh, preset=a.preset, mix=mix, remat=a.remat, layers=a.layers, attention=a.attention,
              step_time=a.step_time, peak_tflops=a.peak_tflops, rows_per_shard=a.rows_per_shard,
              flops=not a.no_flops, top=a.top, grad_accum_steps=a.grad_accum_steps)

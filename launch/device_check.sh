@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One device check on a GPU or TPU host (about 8 minutes on one H100 / H200 or one TPU host):
+# kernel correctness vs the reference in bf16, the attention benchmark, 1024 px 50-step
+# text-to-image with random full-width weights, a 7B train step on a layer slice with MFU, peak
+# memory. Writes OUT/device_check.json and OUT/device_check.md (default OUT: runs/device_check).
+#   launch/device_check.sh [OUT] [extra args of python -m bagel_jax.bench device]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-runs/device_check}"
+shift || true
+PY="${PYTHON:-.venv/bin/python}"
+exec timeout 900 "$PY" -m bagel_jax.bench device --out "$OUT" "$@"
