@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from bagel_jax.aot.targets import GIB, TargetSpec
+from bagel_jax.aot.targets import TargetSpec
 
 # Custom-call targets of our kernels: Mosaic (TPU), Triton and Mosaic GPU (GPU).
 KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu")

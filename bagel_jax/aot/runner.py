@@ -78,7 +78,6 @@ class Job:
       raise JobError("give a training --config or a model --preset")
     shapes = steps.Shapes(rows_per_shard=a.rows_per_shard, image=a.image, contexts=a.contexts, context=a.context,
                           decode_rows=a.decode_rows)
-    tokens = a.tokens or int(plan._get(config, "data.capacity.tokens", default=32768))
     mix = plan.row_mix_from_args(a, config)
     if "train" in programs:
       try:

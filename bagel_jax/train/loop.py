@@ -385,7 +385,6 @@ def _hang(r: Run, step: int) -> None:
 def train_loop(r: Run, log: StepLog, stop: StopSignal, bar) -> int:
   """Steps from `r.start` to train.steps (or a SIGTERM); returns the last step. Updates `r.state`."""
   from bagel_jax import sharding as shd
-  from bagel_jax.train import step as ts
 
   config = r.setup.config
   steps, hang = int(config.train.steps), int(config.debug.hang_after_step)

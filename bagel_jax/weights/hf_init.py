@@ -43,7 +43,7 @@ from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
 from bagel_jax.weights.errors import CheckpointError
 from bagel_jax.weights.hf_checkpoint import HFCheckpoint
 from bagel_jax.weights.safetensors_io import SafetensorsFile
-from bagel_jax.weights.table import FILE_NAMES, Rule, expected_upstream_shape, rules
+from bagel_jax.weights.table import Rule, expected_upstream_shape, rules
 
 LLM, VIT = "language_model.", "vit_model."
 FREQUENCY_EMBEDDING_SIZE = 256  # upstream's TimestepEmbedder default
@@ -302,7 +302,7 @@ class HFInit:
     return Source(shape, f"{origin}:{key}", make, ckpt.path(key))
 
   def _llm_source(self, key: str, shape: tuple[int, ...]) -> Source:
-    cfg, args = self.cfg.llm, self.args
+    args = self.args
     if key in ("model.embed_tokens.weight", "lm_head.weight"):
       return self._vocab_source(key, shape)
     if "q_norm" in key or "k_norm" in key:
