@@ -168,3 +168,13 @@ def test_cli_settings_reach_the_sampler(tmp_path, monkeypatch, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: TaylorSeer max_order") and "\n" not in err
   assert len(seen) == 3  # refused before any sampling
+
+
+def test_sharded_sampler(inf, cases, ts_cases):
+  """Inferencer(mesh=...) runs the cached loop through jit_denoise: upstream's image (8 devices, fsdp x tensor)."""
+  from bagel_jax import sharding as shd
+  sharded = Inferencer(inf.model, inf.params, None, mesh=shd.make_mesh("fsdp=4,tensor=2"))
+  items, kw = _request("t2i", cases, ts_cases)
+  [img] = sharded.interleave_inference(items, **kw, **_taylor_kw(ts_cases))
+  assert len(sharded._samplers) == 1 and next(iter(sharded._samplers))[1][-1] == ("taylorseer", TaylorSeerSettings())
+  assert np.abs(img.astype(int) - ts_cases["t2i/taylor/image_u8"]).max() <= 1
