@@ -17,6 +17,10 @@ Upstream behaviour reproduced (each marked "Quirk" where it is implemented):
   "text_channel" renormalises the text-guided velocity per token before the image guidance and
   does not renormalise after it;
 - x stays float32 whatever the compute dtype.
+
+With `taylorseer` settings (upstream's `enable_taylorseer`, `bagel_jax.inference.taylorseer`) the
+scan's carry also holds each CFG branch's Taylor factors, and each step decides in the graph which
+branches run the LLM and which are forecast.
 """
 
 from __future__ import annotations
