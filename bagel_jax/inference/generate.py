@@ -8,6 +8,7 @@ An --image makes it an edit (the output has the input's size after upstream's re
 are upstream's notebook settings: text-to-image cfg_text 4.0, cfg_img 1.0, interval 0.4..1.0,
 global renorm; editing cfg_text 4.0, cfg_img 2.0, interval 0.0..1.0, text_channel renorm;
 50 timesteps (49 Euler steps), shift 3.0.  --quantize int8 stores the decoder weights in int8.
+--enable-taylorseer turns on upstream's TaylorSeer step caching (docs/taylorseer.md).
 """
 
 from __future__ import annotations
