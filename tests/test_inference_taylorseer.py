@@ -178,3 +178,20 @@ def test_sharded_sampler(inf, cases, ts_cases):
   [img] = sharded.interleave_inference(items, **kw, **_taylor_kw(ts_cases))
   assert len(sharded._samplers) == 1 and next(iter(sharded._samplers))[1][-1] == ("taylorseer", TaylorSeerSettings())
   assert np.abs(img.astype(int) - ts_cases["t2i/taylor/image_u8"]).max() <= 1
+
+
+def test_bench_counts_and_refusals(tmp_path, capsys):
+  """`python -m bagel_jax.bench taylorseer`: forward counts from the recorded schedule; a bad variant gets one line."""
+  from bagel_jax.bench import taylorseer as bench
+  out = tmp_path / "ts.json"
+  assert bench.main(["--config", "tiny", "--size", "16x24", "--steps", "9", "--repeat", "1",
+                     "--variants", "upstream", "flow_time:1", "--out", str(out)]) == 0
+  rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+  # 8 Euler steps, CFG at the 7 with t > 0.4: 15 uncached branch forwards; upstream: cond full at calls
+  # 0-4 and 7 (6), cfg_text at 0-4 (5).  fresh_threshold 1: every call full, the uncached result.
+  assert (rows["uncached"]["full_forwards"], rows["upstream"]["full_forwards"]) == (15, 11)
+  assert rows["flow_time:1"]["full_forwards"] == 15 and rows["flow_time:1"]["latent_rel_err"] < 1e-5
+  assert rows["upstream"]["latent_rel_err"] > 0
+  capsys.readouterr()
+  assert bench.main(["--variants", "upstream:x"]) == 2
+  assert capsys.readouterr().err.strip().count("\n") == 0
