@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -61,12 +62,12 @@ class TaylorSeerSettings:
   def validate(self) -> "TaylorSeerSettings":
     for name, low in (("fresh_threshold", 1), ("max_order", 0), ("first_enhance", 1)):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise InferenceError(f"TaylorSeer {name} must be an integer >= {low}; got {value!r}")
     if self.mode not in MODES:
       raise InferenceError(f"TaylorSeer mode must be one of {MODES}; got {self.mode!r}")
     tol = self.fresh_tolerance
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= float(tol) < math.inf:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0.0 <= float(tol) < math.inf:
       raise InferenceError(f"TaylorSeer fresh_tolerance must be a finite number >= 0 (0: off); got {tol!r}")
     return self
 
@@ -82,9 +83,13 @@ class TaylorSeerSettings:
 def from_options(enable_taylorseer: bool, *, fresh_threshold: int = 3, max_order: int = 6, first_enhance: int = 5,
                  taylorseer_mode: str = "upstream", fresh_tolerance: float = 0.0) -> TaylorSeerSettings | None:
   """The sampler's setting from the Inferencer's / command line's options (None: no caching); checked."""
-  settings = TaylorSeerSettings(fresh_threshold=fresh_threshold, max_order=max_order, first_enhance=first_enhance,
-                                mode=taylorseer_mode, fresh_tolerance=fresh_tolerance).validate()
-  return settings if enable_taylorseer else None
+  TaylorSeerSettings(fresh_threshold=fresh_threshold, max_order=max_order, first_enhance=first_enhance,
+                     mode=taylorseer_mode, fresh_tolerance=fresh_tolerance).validate()
+  if not enable_taylorseer:
+    return None
+  return TaylorSeerSettings(fresh_threshold=int(fresh_threshold), max_order=int(max_order),
+                            first_enhance=int(first_enhance), mode=str(taylorseer_mode),
+                            fresh_tolerance=float(fresh_tolerance))
 
 
 class TaylorState(NamedTuple):
