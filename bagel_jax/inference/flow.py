@@ -17,6 +17,10 @@ Upstream behaviour reproduced (each marked "Quirk" where it is implemented):
   "text_channel" renormalises the text-guided velocity per token before the image guidance and
   does not renormalise after it;
 - x stays float32 whatever the compute dtype.
+
+With `taylorseer` settings (upstream's `enable_taylorseer`, `bagel_jax.inference.taylorseer`) the
+scan's carry also holds each CFG branch's Taylor factors, and each step decides in the graph which
+branches run the LLM and which are forecast.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax.inference import taylorseer as ts_cache
 from bagel_jax.inference.errors import InferenceError
 from bagel_jax.inference.kv_cache import KVCache, cache_key_intervals
 from bagel_jax.model.qwen2_mot import AttentionSpec, DecoderOptions
@@ -134,9 +139,10 @@ def latent_position_ids(grid: tuple[int, int], max_latent_size: int) -> np.ndarr
   return (rows * max_latent_size + cols).reshape(-1).astype(np.int32)
 
 
-def image_velocity(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array, ropes: jax.Array,
-                   x_t: jax.Array, t: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """llm2vae at the latent tokens of the image query, for rows = len(lengths) contexts.
+def image_hidden(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array, ropes: jax.Array,
+                 x_t: jax.Array, t: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """The last decoder layer's output [rows, N, hidden] at the latent tokens of the image query
+  (before the final norm), for rows = len(lengths) contexts.
 
   x_t [B, N, C] is shared by all contexts (rows are [ctx0 x B, ctx1 x B, ...]).
   """
@@ -165,8 +171,19 @@ def image_velocity(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array,
   rope = jnp.broadcast_to(ropes[:, None], (rows, t_len))
   opts = DecoderOptions(attention_impl=model.attention_impl, return_kv=False)
   h, _ = bagel.llm(x, (und, gen), rope, spec, past_kv=(k, v), opts=opts)
-  h = bagel.llm.final_norm(h[:, 1:n + 1], jnp.ones((rows, n), jnp.int32))
+  return h[:, 1:n + 1]
+
+
+def hidden_velocity(bagel, h: jax.Array) -> jax.Array:
+  """llm2vae(norm_moe_gen(h)) for latent-token hidden states h [rows, N, hidden]: float32 velocities."""
+  h = bagel.llm.final_norm(h, jnp.ones(h.shape[:2], jnp.int32))
   return bagel.llm2vae(h).astype(jnp.float32)
+
+
+def image_velocity(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array, ropes: jax.Array,
+                   x_t: jax.Array, t: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """llm2vae at the latent tokens of the image query, for rows = len(lengths) contexts."""
+  return hidden_velocity(bagel, image_hidden(model, bagel, k, v, lengths, ropes, x_t, t, grid))
 
 
 _PROGRESS: dict[str, Any] = {"bar": None}
@@ -216,39 +233,22 @@ class progress_bar:
 TRACE_COUNT = {"denoise": 0}
 
 
-def _denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: jax.Array, cfg_on: jax.Array,
-            text_scale: jax.Array, img_scale: jax.Array, renorm_min: jax.Array, *, grid: tuple[int, int],
-            num_contexts: int, renorm_type: str, over_batch: bool = False, record: bool = False,
-            progress: bool = False):
-  """The whole denoising loop. cache rows: [gen x B, cfg_text x B, cfg_img x B][:num_contexts x B].
-
-  Returns (x [B, N, C] float32, and with `record`: (guided velocities [steps, B, N, C],
-  raw branch velocities [steps, num_contexts x B, N, C] (zeros where CFG was off))).
-  """
-  TRACE_COUNT["denoise"] += 1  # runs at trace time only: counts compilations
-  bagel = model._bagel(params)
-  b = x0.shape[0]
-  k, v, lengths, ropes = cache.k, cache.v, cache.lengths, cache.next_rope
-
-  def vel(x, t, rows):
-    return image_velocity(model, bagel, k[:, :rows], v[:, :rows], lengths[:rows], ropes[:rows], x, t, grid)
+def _plain_step(velocity, combine, b: int, num_contexts: int, record: bool, progress: bool):
+  """The uncached scan body: carry x; every step runs the LLM for each active CFG branch."""
 
   def step(x, xs):
     i, t, dt, on = xs
     if num_contexts == 1:
-      v_out = vel(x, t, b)
+      v_out = velocity(x, t, b)
       raw = v_out
     else:
       def guided(x):
-        allv = vel(x, t, num_contexts * b)
-        parts = [allv[j * b:(j + 1) * b] for j in range(num_contexts)]
-        out = combine_cfg(parts[0], parts[1], parts[2] if num_contexts > 2 else None, text_scale, img_scale,
-                          renorm_type, renorm_min, over_batch)
-        return out, allv
+        allv = velocity(x, t, num_contexts * b)
+        return combine([allv[j * b:(j + 1) * b] for j in range(num_contexts)]), allv
 
       def plain(x):
         # Outside the CFG interval upstream runs the conditional forward only (scales set to 1).
-        v_c = vel(x, t, b)
+        v_c = velocity(x, t, b)
         return v_c, jnp.concatenate([v_c, jnp.zeros(((num_contexts - 1) * b,) + v_c.shape[1:], v_c.dtype)])
 
       v_out, raw = jax.lax.cond(on, guided, plain, x)
@@ -258,14 +258,106 @@ def _denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: j
       jax.debug.callback(_tick, i)
     return x, ((v_out, raw) if record else None)
 
+  return step
+
+
+def _branch_forwards(feature, b: int, c: int, shape: jax.ShapeDtypeStruct):
+  """The forwards a cached step chooses from by index: none, the cond rows only, all c branches."""
+
+  def none(x, t):
+    return jnp.zeros((c, b) + shape.shape[1:], shape.dtype)
+
+  def cond_only(x, t):
+    f = feature(x, t, b)
+    return jnp.concatenate([f[None], jnp.zeros((c - 1, b) + shape.shape[1:], f.dtype)])
+
+  def all_rows(x, t):
+    return feature(x, t, c * b).reshape((c, b) + shape.shape[1:])
+
+  return [none, cond_only] + ([all_rows] if c > 1 else [])
+
+
+def _cached_step(settings: ts_cache.TaylorSeerSettings, feature, to_velocity, combine, b: int, c: int,
+                 shape: jax.ShapeDtypeStruct, record: bool, progress: bool):
+  """The TaylorSeer scan body: carry (x, TaylorState); per branch, full or forecast by its own call count.
+
+  At most one forward per step, over the rows that need it: the cond rows, or all branches when a
+  CFG branch is full (a forecast branch among them keeps its forecast, as upstream, whose forecast
+  layers ignore their input).
+  """
+  forwards = _branch_forwards(feature, b, c, shape)
+
+  def step(carry, xs):
+    x, st = carry
+    i, t, dt, on = xs
+    active = jnp.stack([jnp.asarray(True)] + [on] * (c - 1))
+    guess = ts_cache.forecast(settings, st, t)
+    kind = ts_cache.call_types(settings, st, active)
+    full = kind == ts_cache.FULL
+    which = jnp.where(full[0], 1, 0)
+    if c > 1:
+      which = jnp.where(jnp.any(full[1:]), 2, which)
+    computed = jax.lax.switch(which, forwards, x, t)
+    feat = jnp.where(full.reshape((c,) + (1,) * (guess.ndim - 1)), computed.astype(guess.dtype), guess)
+    new_st = ts_cache.advance(settings, st, kind, computed, guess, t)
+    vel = to_velocity(feat.reshape((c * b,) + feat.shape[2:]))
+    parts = [vel[j * b:(j + 1) * b] for j in range(c)]
+    v_out = parts[0] if c == 1 else jax.lax.cond(on, combine, lambda p: p[0], parts)
+    x = x - v_out.astype(jnp.float32) * dt
+    if progress:
+      jax.debug.callback(_tick, i)
+    if not record:
+      return (x, new_st), None
+    ran = jnp.repeat(kind != ts_cache.NOT_RUN, b).reshape((c * b,) + (1,) * (vel.ndim - 1))
+    return (x, new_st), (v_out, jnp.where(ran, vel, 0.0)) + ts_cache.record(st, kind, new_st)
+
+  return step
+
+
+def _denoise(model, params, cache: KVCache, x0: jax.Array, ts: jax.Array, dts: jax.Array, cfg_on: jax.Array,
+            text_scale: jax.Array, img_scale: jax.Array, renorm_min: jax.Array, *, grid: tuple[int, int],
+            num_contexts: int, renorm_type: str, over_batch: bool = False, record: bool = False,
+            progress: bool = False, taylorseer: ts_cache.TaylorSeerSettings | None = None):
+  """The whole denoising loop. cache rows: [gen x B, cfg_text x B, cfg_img x B][:num_contexts x B].
+
+  taylorseer: TaylorSeer step caching (`bagel_jax.inference.taylorseer`), its factors in the scan's
+  carry, fresh on every call.  Returns (x [B, N, C] float32, and with `record`: (guided velocities
+  [steps, B, N, C], raw branch velocities [steps, num_contexts x B, N, C] (zeros where a branch did
+  not run), and with taylorseer (step_type, branch_step, n_terms) [steps, num_contexts])).
+  """
+  TRACE_COUNT["denoise"] += 1  # runs at trace time only: counts compilations
+  bagel = model._bagel(params)
+  b = x0.shape[0]
+  k, v, lengths, ropes = cache.k, cache.v, cache.lengths, cache.next_rope
+
+  def hidden(x, t, rows):
+    return image_hidden(model, bagel, k[:, :rows], v[:, :rows], lengths[:rows], ropes[:rows], x, t, grid)
+
+  def velocity(x, t, rows):
+    return hidden_velocity(bagel, hidden(x, t, rows))
+
+  def combine(parts):
+    return combine_cfg(parts[0], parts[1], parts[2] if num_contexts > 2 else None, text_scale, img_scale,
+                       renorm_type, renorm_min, over_batch)
+
+  x0 = x0.astype(jnp.float32)
+  if taylorseer is None:
+    step, carry = _plain_step(velocity, combine, b, num_contexts, record, progress), x0
+  else:
+    feature = velocity if taylorseer.caches_velocity else hidden
+    shape = jax.eval_shape(lambda x, t: feature(x, t, b), x0, ts[0])
+    state = ts_cache.init_state(taylorseer, num_contexts, (b,) + shape.shape[1:], shape.dtype)
+    to_velocity = (lambda f: f) if taylorseer.caches_velocity else (lambda h: hidden_velocity(bagel, h))
+    step = _cached_step(taylorseer, feature, to_velocity, combine, b, num_contexts, shape, record, progress)
+    carry = (x0, state)
   steps = ts.shape[0]
   xs = (jnp.arange(steps, dtype=jnp.int32), ts.astype(jnp.float32), dts.astype(jnp.float32), cfg_on)
-  x, rec = jax.lax.scan(step, x0.astype(jnp.float32), xs)
-  return x, rec
+  carry, rec = jax.lax.scan(step, carry, xs)
+  return (carry if taylorseer is None else carry[0]), rec
 
 
 denoise = jax.jit(_denoise, static_argnames=("model", "grid", "num_contexts", "renorm_type", "over_batch",
-                                              "record", "progress"))
+                                              "record", "progress", "taylorseer"))
 
 
 def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules=None) -> KVCache:
@@ -279,7 +371,7 @@ def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules=None) -> KVCa
 
 def jit_denoise(model, mesh: jax.sharding.Mesh, param_shardings, cache_sharding: KVCache, *,
                 grid: tuple[int, int], num_contexts: int, renorm_type: str, over_batch: bool = False,
-                rules=None, progress: bool = False):
+                rules=None, progress: bool = False, taylorseer: ts_cache.TaylorSeerSettings | None = None):
   """`denoise` on a mesh: explicit in/out shardings, the initial noise donated to the result.
 
       step = jit_denoise(model, mesh, sharding.param_shardings(params, mesh), cache_shardings(cache, mesh),
@@ -294,7 +386,7 @@ def jit_denoise(model, mesh: jax.sharding.Mesh, param_shardings, cache_sharding:
     with shd.use_rules(mesh, rules):
       x, _ = _denoise(model, params, cache, x0, ts, dts, cfg_on, text_scale, img_scale, renorm_min, grid=grid,
                       num_contexts=num_contexts, renorm_type=renorm_type, over_batch=over_batch, record=False,
-                      progress=progress)
+                      progress=progress, taylorseer=taylorseer)
     return x
 
   jitted = jax.jit(run, in_shardings=(param_shardings, cache_sharding) + (repl,) * 7, out_shardings=repl,
@@ -302,5 +394,6 @@ def jit_denoise(model, mesh: jax.sharding.Mesh, param_shardings, cache_sharding:
   return shd.MeshBound(jitted, mesh)
 
 
-__all__ = ["FlowSettings", "jit_denoise", "cache_shardings", "timestep_grid", "schedule", "combine_cfg", "image_velocity", "denoise",
+__all__ = ["FlowSettings", "jit_denoise", "cache_shardings", "timestep_grid", "schedule", "combine_cfg", "image_velocity",
+           "image_hidden", "hidden_velocity", "denoise",
            "progress_bar", "latent_position_ids", "TRACE_COUNT"]

@@ -8,6 +8,7 @@ An --image makes it an edit (the output has the input's size after upstream's re
 are upstream's notebook settings: text-to-image cfg_text 4.0, cfg_img 1.0, interval 0.4..1.0,
 global renorm; editing cfg_text 4.0, cfg_img 2.0, interval 0.0..1.0, text_channel renorm;
 50 timesteps (49 Euler steps), shift 3.0.  --quantize int8 stores the decoder weights in int8.
+--enable-taylorseer turns on upstream's TaylorSeer step caching (docs/taylorseer.md).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--quantize", choices=("none", "int8"), default="none")
   p.add_argument("--attention", default="auto", help="attention backend (auto, reference, xla_chunked, ...)")
   p.add_argument("--no-progress", action="store_true")
+  g = p.add_argument_group("TaylorSeer step caching (upstream's enable_taylorseer; see bagel_jax.inference.taylorseer)")
+  g.add_argument("--enable-taylorseer", action="store_true", help="forecast the LLM on some denoising steps")
+  g.add_argument("--fresh-threshold", type=int, default=3, help="after the first calls, every N-th call is full (default 3)")
+  g.add_argument("--max-order", type=int, default=6, help="highest Taylor order (default 6)")
+  g.add_argument("--first-enhance", type=int, default=5, help="the first N calls are full (default 5)")
+  g.add_argument("--taylorseer-mode", choices=("upstream", "flow_time", "velocity"), default="upstream",
+                 help="upstream (default), or this port's variants: differences in flow time, or caching the velocity")
+  g.add_argument("--fresh-tolerance", type=float, default=0.0,
+                 help="adaptive refresh: the interval adapts to the measured forecast error (0: off)")
   return p
 
 
@@ -65,7 +75,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
 
   from bagel_jax.config import ConfigError
-  from bagel_jax.inference import InferenceError, Inferencer, load_image
+  from bagel_jax.inference import InferenceError, Inferencer, load_image, taylorseer
   from bagel_jax.tokenizer import TokenizerError
   from bagel_jax.weights import CheckpointError
 
@@ -73,6 +83,9 @@ def main(argv=None) -> int:
   try:
     if args.steps < 2:
       raise InferenceError(f"--steps must be at least 2 (it gives steps - 1 Euler steps); got {args.steps}")
+    taylorseer.from_options(args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
+                            first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode,
+                            fresh_tolerance=args.fresh_tolerance)  # refused before the checkpoint loads
     images = [load_image(p) for p in args.image]
     t0 = time.time()
     inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
@@ -87,7 +100,9 @@ def main(argv=None) -> int:
         cfg_interval=args.cfg_interval or ((0.0, 1.0) if edit else (0.4, 1.0)),
         cfg_renorm_type=args.cfg_renorm_type or ("text_channel" if edit else "global"),
         cfg_renorm_min=args.cfg_renorm_min, timestep_shift=args.timestep_shift, num_timesteps=args.steps,
-        image_shapes=args.size, seed=args.seed, progress=not args.no_progress)
+        image_shapes=args.size, seed=args.seed, progress=not args.no_progress,
+        enable_taylorseer=args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
+        first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode, fresh_tolerance=args.fresh_tolerance)
   except (InferenceError, ConfigError, CheckpointError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

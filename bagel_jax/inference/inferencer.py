@@ -35,7 +35,7 @@ import numpy as np
 from bagel_jax.config import BagelConfig
 from bagel_jax.data.transforms import pil_img2rgb
 from bagel_jax.image import patchify, unpatchify
-from bagel_jax.inference import flow, kv_cache as kc
+from bagel_jax.inference import flow, kv_cache as kc, taylorseer
 from bagel_jax.inference.errors import InferenceError
 from bagel_jax.inference.text import generate_tokens, strip_generated
 from bagel_jax.tokenizer import Tokenizer, check_special_tokens
@@ -385,9 +385,15 @@ class Inferencer:
             timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
             cfg_renorm_type: str = "global", image_shapes=(1024, 1024), global_renorm_over_batch: bool = False,
             seed: int = 0, init_noise: Sequence[np.ndarray] | None = None, progress: bool | Callable = False,
+            enable_taylorseer: bool = False, fresh_threshold: int = 3, max_order: int = 6, first_enhance: int = 5,
+            taylorseer_mode: str = "upstream", fresh_tolerance: float = 0.0,
             record: bool = False, output: str = "pil") -> list[list]:
     """Runs several requests together (upstream's defaults). Returns, per request, its outputs:
     [text] (understanding), [image] or, with think, [reasoning text, image].
+
+    enable_taylorseer: TaylorSeer step caching (upstream PR #232) with upstream's settings
+    fresh_threshold, max_order, first_enhance; taylorseer_mode, fresh_tolerance: this port's
+    variants (`bagel_jax.inference.taylorseer`).  Every call starts with fresh caches.
 
     output: "pil" (PIL images), or "array" (uint8 [H, W, 3]).  init_noise: per request
     [h*w, p*p*z] float32 noise at t = 1 (else drawn from `seed`).  progress: True for a tqdm bar over
@@ -401,6 +407,9 @@ class Inferencer:
                                  cfg_renorm_min=cfg_renorm_min, global_renorm_over_batch=global_renorm_over_batch)
     if not understanding_output:
       settings.validate()
+    taylor = taylorseer.from_options(enable_taylorseer, fresh_threshold=fresh_threshold, max_order=max_order,
+                                     first_enhance=first_enhance, taylorseer_mode=taylorseer_mode,
+                                     fresh_tolerance=fresh_tolerance)
     if (understanding_output or think) and int(max_think_token_n) < 1:
       raise InferenceError(f"max_think_token_n must be at least 1 (it counts the <|im_start|> token); "
                            f"got {max_think_token_n}")
@@ -479,7 +488,7 @@ class Inferencer:
         args = (stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on), jnp.float32(cfg_text_scale),
                 jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min))
         statics = dict(grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
-                       over_batch=global_renorm_over_batch, progress=bool(progress))
+                       over_batch=global_renorm_over_batch, progress=bool(progress), taylorseer=taylor)
         if self.mesh is None:
           x, rec = flow.denoise(self.model, self.params, *args, record=record, **statics)
         else:
@@ -498,7 +507,8 @@ class Inferencer:
       if record:
         self.last.setdefault("groups", []).append(dict(members=members, final_latent=np.asarray(x),
                                                        velocities=np.asarray(rec[0]), raw=np.asarray(rec[1]),
-                                                       decoded=decoded, image_u8=u8, schedule=(ts, dts, on)))
+                                                       decoded=decoded, image_u8=u8, schedule=(ts, dts, on),
+                                                       taylor=None if taylor is None else [np.asarray(a) for a in rec[2:]]))
       for j, i in enumerate(members):
         if output == "pil":
           from PIL import Image
