@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from bagel_jax.train.errors import TrainConfigError
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with upstream's defaults (`train/pretrain_unified_navit.py`)."""
@@ -67,10 +69,6 @@ def _hf_defaults() -> dict:
   import dataclasses
   from bagel_jax.weights.hf_init import HFInitArgs
   return dataclasses.asdict(HFInitArgs())
-
-
-class TrainConfigError(ValueError):
-  """A config the trainer refuses before building anything."""
 
 
 def check_mesh(config) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import pathlib
 
-from bagel_jax.train.config import TrainConfigError
+from bagel_jax.train.errors import TrainConfigError
 
 SIDE_DIR = "hf_init"
 
