@@ -66,13 +66,21 @@ def reporter(progress: gr.Progress):
 
 
 def step_cache_controls() -> dict[str, Any]:
-  """The place for TaylorSeer's controls (enable_taylorseer and its settings) in the generation tabs.
+  """TaylorSeer step caching (upstream PR #232; off by default) in the generation tabs.
 
-  Return {Inferencer keyword: gradio component}: each component is shown in the hyperparameter
-  accordion and its value reaches `Inferencer.interleave_inference` as that keyword.  Empty
-  until the flow sampler takes those settings.
+  {Inferencer keyword: gradio component}: each is shown in the hyperparameter accordion and its
+  value reaches `Inferencer.interleave_inference` as that keyword (upstream's names and defaults).
   """
-  return {}
+  return {
+      "enable_taylorseer": gr.Checkbox(label="TaylorSeer step caching", value=False,
+                                       info="Full forwards on some steps, Taylor forecasts on the others"),
+      "fresh_threshold": gr.Number(value=3, precision=0, minimum=1, label="TaylorSeer refresh interval",
+                                   info="A full forward every this many calls (upstream fresh_threshold)"),
+      "max_order": gr.Number(value=6, precision=0, minimum=0, label="TaylorSeer max order",
+                             info="Highest Taylor order of the forecast"),
+      "first_enhance": gr.Number(value=5, precision=0, minimum=0, label="TaylorSeer first full steps",
+                                 info="The first calls that always run fully (upstream first_enhance)"),
+  }
 
 
 def _slider(lo: float, hi: float, value: float, step: float, label: str, info: str):
