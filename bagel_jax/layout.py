@@ -157,6 +157,10 @@ class LayoutError(ValueError):
 
 def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_side: int,
               max_latent_size: int, reweight_ce: bool) -> dict[str, list]:
+  """One row's per-token lists, item by item in upstream's order (rope ids, intervals, CE/MSE sets).
+
+  Kept whole: one pass over the items fills the parallel per-token lists together.
+  """
   r = {k: [] for k in ("kind", "expert", "rope", "sample", "text", "mode_block", "vit_idx", "vit_pos",
                        "vit_block", "vae_idx", "lat_pos", "vae_img", "vae_noisy", "ce_idx", "ce_lab", "ce_w",
                        "img_noisy", "img_grid", "splits")}

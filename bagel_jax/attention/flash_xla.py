@@ -23,6 +23,8 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scal
   key chunk at a time, so no [T, S] tensor and no per-chunk accumulator stack is kept.
   (`xla_chunked` differentiates through its key-chunk scan and saves every chunk's fp32
   accumulator: ~T x Hq x D x 4 bytes per chunk.)
+
+  Kept whole: the chunking, the forward and the custom-VJP backward share their closures.
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]

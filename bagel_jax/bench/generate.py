@@ -47,6 +47,7 @@ def _peak_gb(dev) -> float | None:
 
 
 def run(args) -> dict:
+  """The generation benchmark, read top to bottom (build, warm up, time, print): kept whole."""
   import jax
   import jax.numpy as jnp
   import numpy as np

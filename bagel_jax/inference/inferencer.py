@@ -391,6 +391,9 @@ class Inferencer:
     """Runs several requests together (upstream's defaults). Returns, per request, its outputs:
     [text] (understanding), [image] or, with think, [reasoning text, image].
 
+    Long by design for now: upstream's `interleave_inference` in order (contexts, prefill, think,
+    per-size denoising groups, decode), each step a call into the modules.
+
     enable_taylorseer: TaylorSeer step caching (upstream PR #232) with upstream's settings
     fresh_threshold, max_order, first_enhance; taylorseer_mode, fresh_tolerance: this port's
     variants (`bagel_jax.inference.taylorseer`).  Every call starts with fresh caches.

@@ -218,7 +218,8 @@ def build_chunk(rows: Sequence[Sequence[Segment]], start_ropes: Sequence[int], c
                 length: int | None = None, exact: bool = False) -> Chunk:
   """Lays out each row's segments one after another (numpy, on the host).
 
-  Shapes are bucketed (`bucket`) unless `exact`; `length` forces the token axis.
+  Shapes are bucketed (`bucket`) unless `exact`; `length` forces the token axis. Kept whole: one loop
+  over the segments fills every per-token array of the chunk together.
   """
   tok = cfg.tokens
   b = len(rows)

@@ -290,7 +290,10 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
   """Compiles the train step abstractly and returns (and prints) the per-device figures.
 
   With gradient accumulation (`grad_accum_steps`, default the config's train.grad_accum_steps) a
-  step holds that many micro-batches of rows_per_shard rows per shard."""
+  step holds that many micro-batches of rows_per_shard rows per shard.
+
+  Long by design: one report (state bytes, compiles at two depths, extrapolation, FLOPs) whose steps
+  share their intermediate figures."""
   import jax.numpy as jnp
 
   from bagel_jax import config as C

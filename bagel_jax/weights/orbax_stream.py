@@ -115,6 +115,8 @@ _DROP_CANCELLED = _DropCancelled()
 
 
 def _streamed_handler_cls():
+  """The Orbax type handler class for `StreamedArray` leaves (a factory: Orbax is imported only when a
+  save runs; its length is the class it returns)."""
   from orbax.checkpoint import type_handlers as th
   from orbax.checkpoint._src.futures import future
   from orbax.checkpoint._src.serialization import ocdbt_utils
