@@ -33,14 +33,20 @@ def test_shapes_demo_end_to_end(tmp_path):
           "--config.train.steps=4", "--config.optim.warmup_steps=1", "--config.train.log_every=2", "--config.train.save_every=2",
           "--config.vae_stage.steps=3", "--config.vae_stage.stats_images=64",
           "--config.eval.gen_prompts_per_combo=1", "--config.eval.und_images=8", "--config.eval.num_steps=2"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on the user's machine
+  # one CPU device, as on the user's machine; LLVM's cheap settings (~2.5x less compile time)
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   r = subprocess.run([sys.executable, "-m", "bagel_jax.train", *args], cwd=REPO, capture_output=True, text=True,
                      timeout=600, env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads((work / "result.json").read_text())
   ev = result["eval"]
-  assert ev["gen_images"] == 9 and ev["und_questions"] >= 24
-  assert 0.0 <= ev["gen_accuracy"] <= 1.0 and 0.0 <= ev["und_accuracy"] <= 1.0
+  # the figures are the evaluator's verdicts on the written samples and on the test split's questions
+  samples = json.loads((work / "eval" / "samples.json").read_text())
+  assert ev["gen_images"] == len(samples) == 9
+  assert ev["gen_accuracy"] == np.mean([s["correct"]["all"] for s in samples])
+  assert ev["gen_colour_accuracy"] == np.mean([s["correct"]["colour"] for s in samples])
+  test_split = tfds_source("bagel_shapes/small", "test", str(data))
+  assert ev["und_questions"] == sum(len(json.loads(test_split[i]["qa"])) for i in range(8))
   assert ev["analyser_accuracy_on_real_images"] == 1.0  # the read-back is right on rendered images
   assert json.loads((work / "eval" / "metrics.json").read_text()) == ev
   with Image.open(work / "eval" / "samples.png") as im:

@@ -100,7 +100,7 @@ def results(tmp_path_factory):
   cfg.write_text(f"DATA = {str(tmp)!r}\n" + CONFIG)
   table = cases(cfg, tmp / "work")
   run_cases = {k: args for k, (args, _) in table.items()}
-  run_cases["accepted config"] = ["--config", str(cfg), "--workdir", str(tmp / "accepted")]
+  run_cases["accepted config"] = ["--config", str(cfg), "--workdir", str(tmp / "accepted"), "--config.data.rows=8"]
   (tmp / "cases.json").write_text(json.dumps(run_cases))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, str(REPO / "tests" / "cli_runner.py"), "bagel_jax.train", str(tmp / "cases.json"),

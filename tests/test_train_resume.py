@@ -33,10 +33,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 8
 
 
+# LLVM's cheap settings: one CPU device, ~2.5x less compile time (every run uses the same flags).
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def train_env(cache_dir: pathlib.Path) -> dict:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device in the child
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+  env.update(XLA_FLAGS=FAST_XLA, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
              PYTHONUNBUFFERED="1")
   return env
@@ -96,7 +99,8 @@ def saved_state(workdir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
 
 def item_files(workdir: pathlib.Path, step: int, item: str) -> dict[str, bytes]:
   folder = workdir / "checkpoints" / str(step) / item
-  return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+  return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+          if f.is_file() and f.name != "commit_success.txt"}  # (that one names its own folder)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +127,9 @@ def test_exact_resume_after_kills_and_sigterm(shared):
   b.kill9()
   assert committed(chain) == [2, 4]
 
+  logged = len((chain / "metrics.jsonl").read_text().splitlines())  # run A logged a step or two past 4
   c = Run(train_cmd(chain, data), env)
-  c.wait_for("step 5", lambda: (chain / "metrics.jsonl").is_file() and max(metrics(chain)) >= 5)
+  c.wait_for("step 5", lambda: len((chain / "metrics.jsonl").read_text().splitlines()) > logged)
   c.p.send_signal(signal.SIGTERM)
   err = c.finish()
   assert "resumed" in err and "at step 4" in err and "stopped by signal" in err, err[-3000:]
