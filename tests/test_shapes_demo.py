@@ -110,7 +110,7 @@ def test_evaluator_scores_known_right_and_wrong_outputs(tmp_path, monkeypatch):
   from configs.shapes import get_config
   config = get_config()
   for g in config.data.groups.values():
-    g.data_dir = str(tmp_path / "tfds")
+    g.name, g.data_dir = "bagel_shapes/small", str(tmp_path / "tfds")
   config.eval.gen_prompts_per_combo, config.eval.und_images = 2, 16
 
   def fake_generate(model, params, tokenizer, captions, grid, **kw):

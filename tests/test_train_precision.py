@@ -18,7 +18,6 @@ import pytest
 from bagel_jax.api import BagelModel
 from bagel_jax.model.qwen2_mot import REMAT_POLICIES
 from bagel_jax.train.step import flow_batch, train_step
-from tests.conftest import rel_err
 from tests.train_fixtures import FAST_COMPILE, HP, ROWS, fresh_state, single_device_step, tiny_batch, tiny_model, \
     tiny_params, tx
 
@@ -46,11 +45,12 @@ def test_remat_policies_give_the_same_gradients(remat):
   assert "remat" in traced and "remat" not in plain  # the rematerialised scan body is in the program
   np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(g0)]
+  # per leaf, relative to the leaf (floored at 1e-3 of the whole gradient: the key biases' gradients
+  # are zero in exact arithmetic, softmax being shift-invariant, and only rounding noise here)
+  floor = 1e-3 * np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(g0)))
   for path, a, b in zip(paths, jax.tree.leaves(g), jax.tree.leaves(g0)):
-    if np.any(b):
-      assert rel_err(a, b) < 1e-5, (remat, path, rel_err(a, b))
-    else:
-      assert not np.any(a), (remat, path)
+    err = np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), floor)
+    assert err < 1e-5, (remat, path, err)
 
 
 def test_bf16_compute_with_float32_master_weights():

@@ -70,7 +70,7 @@ class Run:
   def __init__(self, cmd, env):
     self.p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-  def wait_for(self, what: str, predicate, timeout: float = 300) -> None:
+  def wait_for(self, what: str, predicate, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not predicate():
       assert self.p.poll() is None, f"the run ended before {what}: {self.p.stderr.read()[-3000:]}"
@@ -82,7 +82,7 @@ class Run:
     self.p.wait()
     assert self.p.returncode == -signal.SIGKILL
 
-  def finish(self, timeout: float = 300) -> str:
+  def finish(self, timeout: float = 900) -> str:
     _, err = self.p.communicate(timeout=timeout)
     assert self.p.returncode == 0, err[-3000:]
     return err
@@ -160,7 +160,7 @@ def test_nonfinite_streak_stops_the_run(shared):
   root, data, env = shared
   work = root / "nan"
   r = subprocess.run(train_cmd(work, data, "--config.debug.nonfinite_batches=true", "--config.train.max_nonfinite_streak=3"),
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 2, r.stderr[-3000:]
   assert r.stderr.strip().splitlines()[-1] == (
       "bagel_jax.train: error: 3 steps in a row had a non-finite loss or gradient (last at step 3); stopping. "
