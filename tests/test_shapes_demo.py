@@ -45,7 +45,7 @@ def test_shapes_demo_end_to_end(tmp_path):
   assert ev["gen_images"] == len(samples) == 9
   assert ev["gen_accuracy"] == np.mean([s["correct"]["all"] for s in samples])
   assert ev["gen_colour_accuracy"] == np.mean([s["correct"]["colour"] for s in samples])
-  test_split = tfds_source("bagel_shapes/small", "test", str(data))
+  test_split = tfds_source("bagel_shapes", "test", str(data))  # the dataset configs/shapes.py trains on
   assert ev["und_questions"] == sum(len(json.loads(test_split[i]["qa"])) for i in range(8))
   assert ev["analyser_accuracy_on_real_images"] == 1.0  # the read-back is right on rendered images
   assert json.loads((work / "eval" / "metrics.json").read_text()) == ev
