@@ -9,6 +9,7 @@ examples only change the data.
 from __future__ import annotations
 
 import functools
+import re
 
 import hypothesis.strategies as st
 import jax
@@ -304,11 +305,15 @@ def test_kernels_lower_for_cuda_and_tpu(monkeypatch):
   k = jax.ShapeDtypeStruct((1, t, 4, 72), jnp.bfloat16)
   tpu_mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
       device_kind="TPU v5p", num_cores=1, platform="tpu"))
-  for mod, platform, ctx in ((pallas_gpu, "cuda", contextlib.nullcontext()),
-                             (pallas_tpu, "tpu", jax.sharding.use_abstract_mesh(tpu_mesh))):
+  for mod, platform, target, ctx in ((pallas_gpu, "cuda", "__gpu$xla.gpu.triton", contextlib.nullcontext()),
+                                     (pallas_tpu, "tpu", "tpu_custom_call", jax.sharding.use_abstract_mesh(tpu_mesh))):
     loss = lambda q, k, v, mod=mod: jnp.sum(mod.attention(q, k, v, *ints, scale=0.1, interpret=False)
                                             .astype(jnp.float32))
     with ctx:
       text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(
           lowering_platforms=(platform,)).as_text()
-    assert text.count("bagel_interval_attention") >= 3 or text.count("custom_call") >= 3, platform
+    # Exactly our three kernels (forward, dq, dkv), each as the platform's kernel custom call.
+    calls = [ln for ln in text.splitlines() if f"custom_call @{target}(" in ln]
+    names = sorted(n for ln in calls for n in set(re.findall(r"bagel_interval_attention_\w+", ln)))
+    assert names == ["bagel_interval_attention_dkv", "bagel_interval_attention_dq", "bagel_interval_attention_fwd"], (
+        platform, names, len(calls))

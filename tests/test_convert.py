@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -153,6 +154,43 @@ def test_synthetic_full_release_key_set_round_trip(synthetic, tmp_path):
   meta = OrbaxState(out / STATE_DIR).get(("bagel", "llm", "layers", "down_proj", "kernel"))
   cfg = load_config(out)
   assert tuple(meta.shape) == (28, 2, cfg.llm.intermediate_size, cfg.llm.hidden_size)
+  assert_layers_slotted(synthetic, out)
+
+
+# Upstream name -> our stacked leaf, written out here (not taken from the converter's table).
+# Linear weights [out, in] are stored transposed, [in, out]; "" / "_moe_gen" are experts 0 / 1.
+LLM_SLOTS = [("self_attn.q_proj{g}.weight", "q_proj/kernel", True), ("self_attn.k_proj{g}.bias", "k_proj/bias", False),
+             ("self_attn.o_proj{g}.weight", "o_proj/kernel", True), ("self_attn.q_norm{g}.weight", "q_norm", False),
+             ("mlp{g}.down_proj.weight", "down_proj/kernel", True), ("mlp{g}.gate_proj.weight", "gate_proj/kernel", True),
+             ("input_layernorm{g}.weight", "input_layernorm", False)]
+VIT_SLOTS = [("self_attn.out_proj.weight", "out_proj/kernel", True), ("mlp.fc1.bias", "fc1/bias", False),
+             ("layer_norm2.weight", "layer_norm2/scale", False)]
+
+
+def assert_layers_slotted(release: pathlib.Path, converted: pathlib.Path) -> None:
+  """Stored slices [layer, expert] equal the source tensors (transposed for kernels) for the first,
+  a middle and the last layer and both experts: a layer or expert put in the wrong place (the
+  same mistake in both directions still round-trips) shows here."""
+  src = read_safetensors(release / "ema.safetensors")
+  ours = load_checkpoint(converted)["bagel"]
+  leaf = lambda tree, path: functools.reduce(lambda t, k: t[k], path.split("/"), tree)
+  bits = lambda x: np.asarray(x).view(np.uint16)  # bfloat16, compared bit for bit
+  n_llm, n_vit = leaf(ours, "llm/layers/q_proj/kernel").shape[0], leaf(ours, "vit/layers/fc1/bias").shape[0]
+  checked = 0
+  for layer in (0, 1, 13, n_llm - 1):
+    for expert, g in enumerate(("", "_moe_gen")):
+      for name, path, linear in LLM_SLOTS:
+        want = src[f"language_model.model.layers.{layer}.{name.format(g=g)}"]
+        got = leaf(ours["llm"]["layers"], path)[layer, expert]
+        np.testing.assert_array_equal(bits(got), bits(want.T if linear else want), err_msg=f"{path} {layer} {expert}")
+        checked += 1
+  for layer in (0, 1, n_vit - 1):
+    for name, path, linear in VIT_SLOTS:
+      want = src[f"vit_model.vision_model.encoder.layers.{layer}.{name}"]
+      got = leaf(ours["vit"]["layers"], path)[layer]
+      np.testing.assert_array_equal(bits(got), bits(want.T if linear else want), err_msg=f"vit {path} {layer}")
+      checked += 1
+  assert checked == 4 * 2 * len(LLM_SLOTS) + 3 * len(VIT_SLOTS)
 
 
 def test_sharded_input_round_trip(tmp_path):

@@ -161,9 +161,16 @@ def test_llava_jsonl(llava):
     arrays, info = next(it)
   assert info["skipped"] >= 1 and any("FileNotFoundError" in k for k in info["skip_reasons"])
   lay = arrays["layout"]
-  # CE targets: the answers (+ <|im_end|>), never the question text
-  labels = set(np.asarray(lay.ce_labels)[np.asarray(lay.ce_weights) > 0].tolist())
-  assert labels <= set(TOK.encode("red two square")) | {CFG.tokens.eos_token_id}
+  # CE targets: each sample's labels are exactly its answers, each closed by <|im_end|>
+  eos = CFG.tokens.eos_token_id
+  answers = {tuple(TOK.encode("red") + [eos]), tuple(TOK.encode("two") + [eos] + TOK.encode("square") + [eos])}
+  valid = np.asarray(lay.ce_weights) > 0
+  assert valid.any()
+  for b in range(valid.shape[0]):
+    owner = np.asarray(lay.sample_ids)[b][np.asarray(lay.ce_indexes)[b][valid[b]]]
+    labels = np.asarray(lay.ce_labels)[b][valid[b]]
+    for sample in np.unique(owner):
+      assert tuple(labels[owner == sample].tolist()) in answers, labels[owner == sample]
 
 
 def test_cfg_dropout_drops_payloads():
@@ -178,7 +185,7 @@ def test_cfg_dropout_drops_payloads():
   assert len(s.vae) == 1 and not s.vit
 
 
-def test_shapes_tfds_mix_shard_resume(tmp_path):
+def test_shapes_tfds_mix_and_resume(tmp_path):
   groups = {"t2i": dict(format="tfds", name="bagel_shapes/small", split="train", data_dir=str(tmp_path),
                         task="t2i", caption_key="caption", weight=3.0),
             "qa": dict(format="tfds", name="bagel_shapes/small", split="train", data_dir=str(tmp_path),
@@ -205,12 +212,92 @@ def test_shapes_tfds_mix_shard_resume(tmp_path):
     np.testing.assert_array_equal(a["layout"].text_ids, ref["layout"].text_ids)
     np.testing.assert_array_equal(a["vae_images"], ref["vae_images"])
     np.testing.assert_array_equal(a["vit_patches"], ref["vit_patches"])
-  # Per-host sharding: two processes see disjoint records.
-  p0 = pipeline.make_source("t2i", groups["t2i"])
-  assert len(p0) == 256
-  h0 = iter(make_pipeline(dc, process_index=0, process_count=2))
-  a0, _ = next(h0)
-  assert a0["layout"].token_kind.shape[0] == 1  # rows / processes
+
+
+
+# ----------------------------------------------------------------------------- the per-host split
+def colour(r: int) -> tuple[int, int, int]:
+  """A solid colour that names record r (an image's colour survives any resize)."""
+  return (10 + 20 * r, 250 - 20 * r, (53 * r) % 256)
+
+
+def _solid_key(pixels: np.ndarray):
+  x = np.round((np.asarray(pixels, np.float64).reshape(-1, 3) + 1) * 127.5).astype(int)
+  assert (x == x[0]).all(), "not a solid image"
+  return tuple(x[0].tolist())
+
+
+def vae_keys(arrays, key=_solid_key) -> list:
+  """A key per VAE image of the batch (its pixels, cropped to its latent grid)."""
+  grids, px = np.asarray(arrays["layout"].vae_image_grid), CFG.latent_downsample
+  return [key(arrays["vae_images"][b, i, :grids[b, i, 0] * px, :grids[b, i, 1] * px])
+          for b, i in np.argwhere(grids[..., 0] > 0)]
+
+
+def vit_keys(arrays) -> list:
+  """A key per ViT patch of the batch (padding patches are exactly zero; no solid colour is)."""
+  patches = np.asarray(arrays["vit_patches"]).reshape(-1, CFG.vit.patch_dim)
+  return [_solid_key(p) for p in patches if np.any(p != 0)]
+
+
+def stream_records(dc, keys, record_of, n_samples: int, **host) -> set:
+  """The records one host's packed stream holds in its first `n_samples` samples (and a few more)."""
+  it, seen, n = iter(make_pipeline(dc, **host)), set(), 0
+  while n < n_samples:
+    arrays, info = next(it)
+    assert info["skipped"] == 0, info["skip_reasons"]
+    assert arrays["layout"].token_kind.shape[0] == dc.rows // host.get("process_count", 1)
+    seen |= {record_of[k] for k in keys(arrays)}
+    n += info["samples"]
+  return seen
+
+
+def _split_formats(tmp_path):
+  """(group config, keys of a batch, key -> record, record count) per data format."""
+  n = 11
+  t2i = tmp_path / "t2i"
+  t2i.mkdir()
+  rows = [{"image": png(24 + 8 * (r % 3), 16, colour(r)), "captions": json.dumps({"a": "a red square"})}
+          for r in range(n)]
+  pq.write_table(pa.Table.from_pylist(rows[:4]), t2i / "part-0.parquet", row_group_size=3)
+  pq.write_table(pa.Table.from_pylist(rows[4:]), t2i / "part-1.parquet", row_group_size=5)
+  edit = tmp_path / "edit.parquet"
+  pq.write_table(pa.Table.from_pylist([{"image_list": [png(16, 16, colour(r))] * 2, "instruction_list": [["red"]]}
+                                       for r in range(n)]), edit)
+  images = tmp_path / "images"
+  images.mkdir()
+  lines = []
+  for r in range(n):
+    (images / f"{r}.png").write_bytes(png(28, 28, colour(r)))
+    lines.append({"image": f"{r}.png", "conversations": [{"from": "human", "value": "<image> what colour"},
+                                                         {"from": "gpt", "value": "red"}]})
+  (tmp_path / "vlm.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  solid = {colour(r): r for r in range(n)}
+  yield dict(format="t2i_parquet", path=str(t2i)), vae_keys, solid, n
+  yield dict(format="edit_parquet", path=str(edit)), vae_keys, solid, n
+  yield dict(format="vlm_jsonl", path=str(tmp_path / "vlm.jsonl"), image_dir=str(images)), vit_keys, solid, n
+  # TFDS (the shapes dataset, text-to-image): a record is named by its whole transformed image
+  g = dict(format="tfds", name="bagel_shapes/small", split="train", data_dir=str(tmp_path / "tfds"), task="t2i",
+           caption_key="caption")
+  src = pipeline.make_source("tfds", g)
+  vae_t, _ = pipeline.transforms_for(data_config({}), g, CFG)
+  exact = lambda x: np.round((np.asarray(x, np.float64) + 1) * 127.5).astype(np.uint8).tobytes() + bytes(np.shape(x)[:2])
+  by_image = {exact(vae_t(S.decode_image(bytes(src[r]["image"])))): r for r in range(len(src))}
+  assert len(by_image) == len(src) == 256  # every image distinct, so an image names its record
+  yield g, lambda a: vae_keys(a, exact), by_image, len(src)
+
+
+def test_hosts_split_every_format_into_disjoint_parts_of_the_whole(tmp_path):
+  """Two hosts' streams hold disjoint records, together every record of the dataset, as the
+  single-host stream does, for each data format (records named by their images)."""
+  for g, keys, record_of, n in _split_formats(tmp_path):
+    dc = data_config({"g": g}, rows=2)
+    whole = stream_records(dc, keys, record_of, n + 8)
+    hosts = [stream_records(dc, keys, record_of, (n + 1) // 2 + 8, process_index=i, process_count=2) for i in (0, 1)]
+    assert whole == set(range(n)), (g["format"], sorted(set(range(n)) - whole))
+    assert not hosts[0] & hosts[1], (g["format"], sorted(hosts[0] & hosts[1]))
+    assert hosts[0] | hosts[1] == whole, g["format"]
+    assert {len(h) for h in hosts} == {n // 2, (n + 1) // 2}, g["format"]
 
 
 def test_packing_respects_capacities():
@@ -242,7 +329,10 @@ def test_worker_processes_prefetch_and_resume(tmp_path):
   dc = data_config(groups, rows=2, workers=2)
   it = iter(make_pipeline(dc))
   batches = [next(it)[0] for _ in range(6)]
-  assert all(int((b["layout"].token_kind >= 0).sum()) > 0 for b in batches)
+  # every batch holds text and images, and over the six both groups' samples (ViT: QA, VAE: T2I)
+  kinds = np.stack([b["layout"].token_kind for b in batches])
+  assert all((k == L.TOKEN_TEXT).any() and ((k == L.TOKEN_VIT) | (k == L.TOKEN_VAE)).any() for k in kinds)
+  assert (kinds == L.TOKEN_VIT).any() and (kinds == L.TOKEN_VAE).any()  # both groups' samples
   it2 = iter(make_pipeline(dc))
   for _ in range(3):
     next(it2)

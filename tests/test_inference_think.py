@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bagel_jax.api import BagelModel
@@ -36,6 +37,28 @@ def test_think_mode_contexts(inf):
   assert w[(0, "gen")][1] == sys_len + prompt_len  # before the plan was appended
   tokens = inf.last["tokens"][0]
   assert tokens[0] == 500 and len(tokens) <= 6
+
+
+def test_plan_enters_the_generation_context_before_denoising(inf):
+  """Think mode: at denoising time the gen context is [system, prompt, plan] (its length, and its
+  keys/values equal a fresh prefill of those three segments), cfg_text stays [system]; and the image
+  differs from think=False with the same initial noise."""
+  noise = [np.random.default_rng(0).standard_normal((9, inf.cfg.patch_latent_dim)).astype(np.float32)]
+  kw = dict(image_shapes=(24, 24), init_noise=noise, record=True, output="array", **T2I)
+  [plan, img] = inf.interleave_inference(["a lighthouse at sunset"], think=True, max_think_token_n=6, **kw)
+  segs = [inf._encode_text(GEN_THINK_SYSTEM_PROMPT), inf._encode_text("a lighthouse at sunset"), inf._encode_text(plan)]
+  assert segs[2].num_tokens > 2  # <|im_start|> + at least one planned token + <|im_end|>
+  [g] = inf.last["groups"]
+  ctx = g["contexts"]  # rows: gen, cfg_text
+  lengths = np.asarray(ctx.lengths)
+  assert lengths.tolist() == [sum(s.num_tokens for s in segs), segs[0].num_tokens]
+  n = int(lengths[0])
+  ref = kc.prefill(inf.model, inf.params, jax.tree.map(jnp.asarray, kc.build_chunk([segs], [0], inf.cfg)), kc.bucket(n))
+  assert rel_err(ctx.k[:, 0, :n], ref.k[:, 0, :n]) < 1e-5 and rel_err(ctx.v[:, 0, :n], ref.v[:, 0, :n]) < 1e-5
+  assert int(ctx.next_rope[0]) == int(ref.next_rope[0])
+  [plain] = inf.interleave_inference(["a lighthouse at sunset"], think=False, **kw)
+  assert int(inf.last["groups"][0]["contexts"].lengths[0]) == segs[1].num_tokens  # gen = [prompt]
+  assert np.abs(img.astype(int) - plain.astype(int)).mean() > 1.0  # the plan changed the image
 
 
 def test_int8_weights(inf):

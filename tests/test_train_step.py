@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax import layout as L
 from bagel_jax.model.bagel import shift_timesteps
-from bagel_jax.train.step import StepConfig, TrainState, flow_batch, frozen_mask
+from bagel_jax.train.step import StepConfig, TrainBatch, TrainState, flow_batch, frozen_mask, timesteps_from_raw
 from tests.train_fixtures import FAST_COMPILE, HP, ROWS, fresh_state, single_device_step, tiny_batch, tiny_model, tiny_params
 
 
@@ -29,16 +30,66 @@ def test_flow_batch_timesteps_noise_latents():
     for i in np.unique(ids[b][ids[b] >= 0]):
       assert np.ptp(t[b][ids[b] == i]) == 0
   assert mb.noise.shape == mb.vae_latents.shape == (4, lay.vae_indexes.shape[1], model.cfg.patch_latent_dim)
-  # the clean latents are the layout's tokens of a posterior sample of the VAE images
-  k_vae = jax.random.split(rng, 3)[0]
+  # the clean latents are the layout's tokens of a posterior sample of the VAE images: scale * (mean +
+  # std * eps - shift) with eps ~ N(0, I), recovered here from the VAE's moments (whatever key drew it)
   imgs = batch.vae_images.reshape((-1,) + batch.vae_images.shape[2:])
-  lat = jax.jit(model.encode_images, compiler_options=FAST_COMPILE)(params, imgs, k_vae)
-  want = model.latent_tokens(lat.reshape(batch.vae_images.shape[:2] + lat.shape[1:]), lay)
-  np.testing.assert_allclose(mb.vae_latents, want, rtol=1e-5, atol=1e-5)
-  assert np.all(np.asarray(mb.vae_latents)[ids < 0] == 0)
+  moments = jax.jit(model.encode_moments, compiler_options=FAST_COMPILE)(params, imgs)
+  mean, logvar = np.split(np.asarray(moments, np.float64), 2, axis=-1)
+  scale, shift = model.cfg.vae.scale_factor, model.cfg.vae.shift_factor
+  tokens = lambda x: np.asarray(model.latent_tokens(x.reshape(batch.vae_images.shape[:2] + x.shape[1:]), lay))
+  valid = ids >= 0
+  eps = (np.asarray(mb.vae_latents) - tokens(scale * (mean - shift)))[valid] / tokens(scale * np.exp(0.5 * logvar))[valid]
+  assert eps.size > 2000 and abs(eps.mean()) < 0.1 and 0.9 < eps.std() < 1.1, (eps.mean(), eps.std())
+  assert np.all(np.asarray(mb.vae_latents)[~valid] == 0)
+  assert not np.array_equal(fb(StepConfig(), params["vae"], batch, jax.random.key(4)).vae_latents, mb.vae_latents)
   # the shift maps the same draws: t' = s t / (1 + (s - 1) t)
   mb3 = fb(StepConfig(timestep_shift=3.0), params["vae"], batch, rng)
   np.testing.assert_allclose(mb3.timesteps, shift_timesteps(mb.timesteps, 3.0), rtol=1e-5)
+
+
+def test_timesteps_from_upstreams_raw_draws(cases):
+  """Upstream's raw draws (fixture train/raw_timesteps, -inf for clean images) through our transform
+  give upstream's train/timesteps."""
+  raw = cases["train/raw_timesteps"]
+  got = timesteps_from_raw(jnp.asarray(raw), jnp.isfinite(raw), 1.0)
+  np.testing.assert_allclose(got, cases["train/timesteps"], rtol=1e-6, atol=0)
+  assert np.any(raw == -np.inf) and np.any(np.isfinite(raw))
+
+
+def _images_batch(cfg, rows: int, per_row: int):
+  """`rows` rows of one sample each holding `per_row` one-token VAE images, every other one clean."""
+  plan = [L.Text([5, 6])] + [L.VaeImage((1, 1), loss=i % 2 == 0) for i in range(per_row)]
+  n = 4 + 3 * per_row
+  cap = L.Capacity(tokens=n, vit=1, vae=per_row, ce=4, vae_images=per_row, und=n, gen=per_row)
+  lay = L.pack([[plan]] * rows, cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
+               max_latent_size=cfg.max_latent_size)
+  px = cfg.latent_downsample
+  images = np.random.default_rng(0).uniform(-1, 1, (rows, per_row, px, px, 3)).astype(np.float32)
+  return TrainBatch(layout=lay, vit_patches=np.zeros((rows, 1, cfg.vit.patch_dim), np.float32), vae_images=images)
+
+
+def test_training_timesteps_are_logit_normal():
+  """flow_batch's timesteps: logit(t) ~ N(0, 1) for generation targets (upstream: sigmoid of a
+  normal draw), t = 0 for clean images. Kolmogorov-Smirnov over 1920 draws (fixed keys) at
+  p > 1e-3, plus the first two moments within 4 standard errors; a uniform draw (t ~ U(0, 1):
+  logit(t) logistic, std 1.8; or sigmoid(U(0, 1))) fails both by far."""
+  from scipy import stats
+  model, params = tiny_model(), tiny_params()
+  batch = _images_batch(model.cfg, rows=8, per_row=12)
+  fb = jax.jit(lambda v, b, r: flow_batch(model, StepConfig(), v, b, r).timesteps, compiler_options=FAST_COMPILE)
+  lay = batch.layout
+  ids, noisy = np.asarray(lay.vae_image_ids), np.asarray(lay.vae_noisy) > 0
+  draws = []
+  for seed in range(40):
+    t = np.asarray(fb(params["vae"], batch, jax.random.key(seed)))
+    assert np.all(t[(ids >= 0) & ~noisy] == 0)
+    draws.append(t[noisy])
+  t = np.concatenate(draws).astype(np.float64)
+  assert t.size == 40 * 8 * 6 and np.all((t > 0) & (t < 1))
+  x = np.log(t / (1 - t))
+  assert stats.kstest(x, "norm").pvalue > 1e-3, stats.kstest(x, "norm")
+  se = 1 / np.sqrt(x.size)
+  assert abs(x.mean()) < 4 * se and abs(x.std() - 1) < 4 * se * np.sqrt(0.5), (x.mean(), x.std())
 
 
 def test_step_updates_params_ema_and_counters():

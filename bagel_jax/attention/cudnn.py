@@ -42,12 +42,21 @@ def attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scal
   reason = unavailable_reason(q.dtype, q.shape[-1])
   if reason:
     raise BackendUnavailable(reason)
+  return dense_mask_attention(q, k, v, k_start, k_end, q_start, q_end, q_positions, scale=scale,
+                              implementation="cudnn")
+
+
+def dense_mask_attention(q, k, v, k_start, k_end, q_start, q_end, q_positions=None, *, scale: float,
+                         implementation: str | None = "cudnn") -> jax.Array:
+  """The backend's computation: pad to multiples of 64, the dense mask from the intervals,
+  `jax.nn.dot_product_attention(implementation=...)`, rows that see nothing zeroed. With
+  implementation="xla" the same padding, mask and zeroing run anywhere (the CPU test)."""
   t, s = q.shape[1], k.shape[1]
   tp, sp = blocks.cdiv(t, _PAD) * _PAD, blocks.cdiv(s, _PAD) * _PAD
   P = blocks.pad_intervals(k_start, k_end, q_start, q_end, q_positions, tp, sp)
   mask = dense_mask(P.k_start, P.k_end, P.q_start, P.q_end, P.q_pos)  # [B, Tp, Sp]
   out = jax.nn.dot_product_attention(
       blocks.pad_seq(q, tp), blocks.pad_seq(k, sp), blocks.pad_seq(v, sp), mask=mask[:, None],
-      scale=scale, implementation="cudnn")
+      scale=scale, implementation=implementation)
   seen = jnp.any(mask, axis=-1)[:, :, None, None]
   return jnp.where(seen, out, 0).astype(q.dtype)[:, :t]

@@ -511,7 +511,8 @@ class Inferencer:
         self.last.setdefault("groups", []).append(dict(members=members, final_latent=np.asarray(x),
                                                        velocities=np.asarray(rec[0]), raw=np.asarray(rec[1]),
                                                        decoded=decoded, image_u8=u8, schedule=(ts, dts, on),
-                                                       taylor=None if taylor is None else [np.asarray(a) for a in rec[2:]]))
+                                                       taylor=None if taylor is None else [np.asarray(a) for a in rec[2:]],
+                                                       contexts=stacked))  # what the image was denoised against
       for j, i in enumerate(members):
         if output == "pil":
           from PIL import Image

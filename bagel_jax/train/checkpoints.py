@@ -21,7 +21,7 @@ it returns, so the next (donating) train step can run while the files are writte
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -54,11 +54,15 @@ def unflatten(flat: dict[str, Any], like: PyTree) -> PyTree:
 class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, save_every: int = 1000,
-               async_save: bool = True):
+               async_save: bool = True, in_flight_hook: Callable[[int], None] | None = None):
+    """in_flight_hook(step): called by an async save's writer thread once every item is written,
+    just before the step folder is committed (tests: a process killed there is killed mid-save)."""
     self.directory = pathlib.Path(directory).absolute()
     self.save_every = int(save_every)
+    self._hook, self._saving = in_flight_hook, -1
+    hook = ocp.AsyncOptions(post_finalization_callback=lambda: self._hook(self._saving)) if in_flight_hook else None
     opts = ocp.CheckpointManagerOptions(max_to_keep=int(keep) if keep else None, create=True,
-                                        enable_async_checkpointing=bool(async_save))
+                                        enable_async_checkpointing=bool(async_save), async_options=hook)
     self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data", "meta"))
 
   def latest_step(self) -> int | None:
@@ -75,6 +79,9 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
                               data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
+    if self._hook is not None:
+      self.mngr.wait_until_finished()  # the hook's step is the one being written
+      self._saving = int(step)
     return bool(self.mngr.save(step, args=args, force=True))
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict, dict]:

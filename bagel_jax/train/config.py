@@ -61,7 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.vae_stage = dict(steps=0, group="", batch=32, lr=1e-3, kl_weight=1e-6, seed=0, stats_images=1024)
   c.eval = dict(kind="", use_ema=True, cfg_scale=4.0, num_steps=25, timestep_shift=1.0, gen_prompts_per_combo=4,
                 und_images=200, seed=0, split="test")
-  c.debug = dict(hang_after_step=-1)  # tests: after saving this step, wait to be killed
+  c.debug = dict(  # for the tests
+      hang_after_step=-1,  # after saving this step (save complete), wait to be killed
+      hang_during_save_step=-1,  # hold this step's async save just before it commits, wait to be killed
+      nonfinite_batches=False,  # every batch's images are NaN: each step's loss is non-finite
+  )
   return c
 
 

@@ -228,8 +228,9 @@ def build_run(setup: Setup) -> Run:
   state_sh = shd.train_state_shardings(abstract_state, mesh, rules)
 
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=int(config.train.keep),
-                                  save_every=int(config.train.save_every), async_save=bool(config.train.async_save))
-  data_iter = iter(setup.data)
+                                  save_every=int(config.train.save_every), async_save=bool(config.train.async_save),
+                                  in_flight_hook=_debug_save_hook(config, workdir))
+  data_iter = NonFiniteBatches(iter(setup.data)) if config.debug.nonfinite_batches else iter(setup.data)
   start = ckpt.latest_step()
   vae_file = workdir / "vae"
   if start is not None:
@@ -380,6 +381,39 @@ def _hang(r: Run, step: int) -> None:
   (r.setup.workdir / f"HANG_{step}").write_text("waiting to be killed\n")
   while True:
     time.sleep(1.0)
+
+
+def _debug_save_hook(config, workdir: pathlib.Path):
+  """debug.hang_during_save_step (tests): that step's async save leaves a marker and waits to be
+  killed once its files are written, before the step folder is committed."""
+  hang = int(config.debug.hang_during_save_step)
+
+  def hook(step: int) -> None:
+    if step == hang:
+      (workdir / f"HANG_SAVE_{step}").write_text("save in flight, waiting to be killed\n")
+      while True:
+        time.sleep(1.0)
+
+  return hook if hang >= 0 else None
+
+
+class NonFiniteBatches:
+  """debug.nonfinite_batches (tests): the data iterator with every image NaN (same shapes, so the
+  compiled step is reused), so each step's loss is non-finite."""
+
+  def __init__(self, it):
+    self.it = it
+
+  def __next__(self):
+    arrays, info = next(self.it)
+    nan = {k: np.full_like(arrays[k], np.nan) for k in ("vit_patches", "vae_images")}
+    return dict(arrays, **nan), info
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state) -> None:
+    self.it.set_state(state)
 
 
 def train_loop(r: Run, log: StepLog, stop: StopSignal, bar) -> int:

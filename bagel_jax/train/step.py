@@ -114,6 +114,12 @@ def init_train_state(params_bagel: PyTree, tx: optax.GradientTransformation, rng
   )
 
 
+def timesteps_from_raw(raw: jax.Array, noisy: jax.Array, shift: float) -> jax.Array:
+  """Upstream's training timesteps from raw draws u ~ N(0, 1): t = shift(sigmoid(u)) for generation
+  targets, 0 for clean (conditioning) images (upstream: u = -inf, sigmoid(-inf) = 0)."""
+  return jnp.where(noisy, shift_timesteps(jax.nn.sigmoid(raw), shift), 0.0)
+
+
 def flow_batch(model: BagelModel, hp: StepConfig, vae_params: PyTree, batch: TrainBatch,
                rng: jax.Array) -> Batch:
   """TrainBatch -> the model's Batch: VAE posterior sample, per-image timesteps, noise."""
@@ -130,9 +136,7 @@ def flow_batch(model: BagelModel, hp: StepConfig, vae_params: PyTree, batch: Tra
     x0 = model.latent_tokens(lat.reshape((b, ni) + lat.shape[1:]), lay)
   else:
     x0 = jnp.zeros((b, nl, pdim), jnp.float32)
-  raw = jax.random.normal(k_t, (b, ni), jnp.float32)
-  t_img = shift_timesteps(jax.nn.sigmoid(raw), hp.timestep_shift)
-  t_img = jnp.where(lay.vae_image_noisy > 0, t_img, 0.0)  # clean images: u = -inf -> t = 0
+  t_img = timesteps_from_raw(jax.random.normal(k_t, (b, ni), jnp.float32), lay.vae_image_noisy > 0, hp.timestep_shift)
   img = jnp.maximum(lay.vae_image_ids, 0)
   t_tok = jnp.take_along_axis(t_img, img, axis=1) if ni else jnp.zeros((b, nl), jnp.float32)
   t_tok = jnp.where(lay.vae_image_ids >= 0, t_tok, 0.0)
@@ -273,4 +277,5 @@ def jit_init_train_state(tx: optax.GradientTransformation, mesh: jax.sharding.Me
 
 
 __all__ = ["TrainBatch", "TrainState", "StepConfig", "FROZEN_TABLES", "init_train_state", "train_step",
-           "flow_batch", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state", "MeshBound", "path_str"]
+           "flow_batch", "timesteps_from_raw", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state",
+           "MeshBound", "path_str"]
