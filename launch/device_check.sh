@@ -9,4 +9,9 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/device_check}"
 shift || true
 PY="${PYTHON:-.venv/bin/python}"
+mkdir -p "$OUT"
+if [ "$("$PY" -c 'import jax; print(jax.default_backend())')" = gpu ]; then
+  # the GPU-only numeric tests (cuDNN against the reference), deselected on CPU
+  timeout 120 "$PY" -m pytest -q -m gpu tests/test_attention_api.py 2>&1 | tee "$OUT/gpu_tests.log" || true
+fi
 exec timeout 900 "$PY" -m bagel_jax.bench device --out "$OUT" "$@"

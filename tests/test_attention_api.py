@@ -117,10 +117,7 @@ def test_every_backend_has_a_numeric_test():
       assert callable(getattr(importlib.import_module(module), name, None)), (impl, module, name)
 
 
-GPU_ONLY = "runs where cuDNN does: an NVIDIA GPU (on CPU, test_cudnn_dense_mask_math_matches_reference covers its math)"
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason=GPU_ONLY)
+@pytest.mark.gpu  # deselected by default (pyproject addopts); launch/device_check.sh runs `pytest -m gpu`
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_cudnn_on_gpu_matches_reference(dtype):
   """cuDNN's fused attention through the API (bf16/fp16) against the float32 reference: forward and
