@@ -417,10 +417,49 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, local_device_ids=local_device_ids)
+                             process_id=process_id, local_device_ids=local_device_ids,
+                             initialization_timeout=int(env.get("BAGEL_DISTRIBUTED_TIMEOUT", DISTRIBUTED_TIMEOUT_S)))
+  _orbax_distributed_barriers()
   _log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
             jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+# Generous deadlines: on a loaded machine one process may compile or load for minutes longer than another.
+DISTRIBUTED_TIMEOUT_S = 900
+_barrier_counts: dict[str, int] = {}
+
+
+def _orbax_distributed_barriers() -> None:
+  """Orbax's barriers through the coordination service (with a deadline we set), not through gloo
+  collectives, whose rendezvous deadline is a fixed 30 s."""
+  from absl import flags
+  try:
+    import orbax.checkpoint._src.multihost.multihost  # noqa: F401  (defines the flag)
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+  except (ImportError, AttributeError, flags.Error):
+    pass
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+  """Waits until every process reaches `name` (the coordination service; no-op in one process).
+
+  Call it before the first collective of a phase (the first train step, after compiling): a
+  process that arrives minutes late then waits here, under BAGEL_DISTRIBUTED_TIMEOUT (900 s),
+  instead of tripping gloo's fixed 30 s rendezvous deadline inside the collective.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is None:
+    return
+  _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
+  timeout = timeout_s if timeout_s is not None else float(os.environ.get("BAGEL_DISTRIBUTED_TIMEOUT",
+                                                                         DISTRIBUTED_TIMEOUT_S))
+  client.wait_at_barrier(f"bagel_{name}_{_barrier_counts[name]}", timeout_in_ms=int(timeout * 1000))
 
 
 def process_rows(global_batch: int) -> slice:
@@ -451,6 +490,6 @@ __all__ = [
     "MESH_AXES", "DEFAULT_RULES", "PARAM_AXES", "Rules", "ShardingError", "parse_mesh", "make_mesh",
     "logical_to_spec", "param_logical_axes", "logical_axes", "param_specs", "param_shardings",
     "replicated", "mirrored_shardings", "train_state_shardings", "batch_spec", "batch_shards", "batch_shardings", "abstract_with_shardings",
-    "use_rules", "constrain", "MeshBound", "rules_with", "active_mesh", "wants_distributed", "initialize_distributed", "process_rows",
+    "use_rules", "constrain", "MeshBound", "rules_with", "active_mesh", "wants_distributed", "initialize_distributed", "barrier", "process_rows",
     "host_local_to_global", "describe",
 ]

@@ -73,6 +73,9 @@ def main_wrapper(fn, argv) -> int:
   from bagel_jax.config import ConfigError
   from bagel_jax.weights import CheckpointError
 
+  from bagel_jax import faults
+
+  faults.quiet_background_tracebacks()
   try:
     fn(argv)
     return 0
@@ -84,6 +87,12 @@ def main_wrapper(fn, argv) -> int:
     why = str(e) or "interrupted"
     print(f"error: {why}; nothing was written to the destination", file=sys.stderr)
     return 130
+  except Exception as e:  # noqa: BLE001 - a full disk, a read-only folder: one line; a bug keeps its traceback
+    line = faults.describe(e)
+    if line is None or faults.show_traceback():
+      raise
+    print(f"error: {line}; nothing was written to the destination", file=sys.stderr)
+    return 2
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -204,8 +204,13 @@ def test_destination_exists_refused_unless_overwrite(tmp_path, capsys):
   rc, err = run_convert(["--src", FIXTURE_DIR, "--dst", dst], capsys)
   assert_one_line_error(rc, err, str(dst), "exists")
   assert (dst / "keep.txt").read_text() == "mine"
-  rc, _ = run_convert(["--src", FIXTURE_DIR, "--dst", dst, "--overwrite"], capsys)
-  assert rc == 0 and (dst / "state").is_dir() and not (dst / "keep.txt").exists()
+  # --overwrite replaces only what the project wrote: a user's file is refused by name, and kept
+  rc, err = run_convert(["--src", FIXTURE_DIR, "--dst", dst, "--overwrite"], capsys)
+  assert_one_line_error(rc, err, str(dst), "keep.txt", "not written by bagel_jax")
+  assert (dst / "keep.txt").read_text() == "mine"
+  (dst / "keep.txt").unlink()
+  rc, _ = run_convert(["--src", FIXTURE_DIR, "--dst", dst, "--overwrite"], capsys)  # an empty folder is replaced
+  assert rc == 0 and (dst / "state").is_dir()
   assert not list(tmp_path.glob(".out.*"))
   # the export refuses too
   back = tmp_path / "back"

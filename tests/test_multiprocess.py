@@ -10,9 +10,14 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from bagel_jax import sharding as shd
 from tests.train_fixtures import reference_run, tiny_params
+
+# Both tests start 2 processes x 4 devices: run them one after the other on one xdist worker
+# (`--dist loadgroup`), never side by side.
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parents[1]
@@ -58,7 +63,7 @@ def test_two_processes_train_save_restore(tmp_path):
   np.savez(tmp_path / "init.npz", **{shd.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)})
   proc = _start_two([sys.executable, str(WORKER), "--workdir", str(tmp_path)], _env(PYTHONPATH=str(REPO)))
   ref_state, ref_metrics = reference_run(3)  # overlaps with the workers' start-up
-  log = _wait(proc, 420)
+  log = _wait(proc, 900)  # generous: both processes compile on a CPU shared with the other test worker
   assert "[0] process 0: losses" in log and "[1] process 1: losses" in log, log[-6000:]
 
   with np.load(tmp_path / "out.npz") as z:
@@ -87,7 +92,7 @@ def test_train_cli_on_two_processes(tmp_path):
            f"--config.data.groups.t2i.data_dir={tmp_path / 'tfds'}", f"--config.data.groups.qa.data_dir={tmp_path / 'tfds'}",
            "--config.train.mesh=data=2,fsdp=4", "--config.data.rows=8", f"--config.train.steps={steps}",
            "--config.train.save_every=2", "--config.train.log_every=1"]
-    return _wait(_start_two(cmd, _env(**cache)), 300)
+    return _wait(_start_two(cmd, _env(**cache)), 900)
 
   log = launch(2)
   assert "[0]" in log and "[1]" in log and "mesh data=2 x fsdp=4" in log

@@ -168,13 +168,14 @@ def tfds_source(name: str, split: str, data_dir: str | None, build: bool = False
       # Processes take turns, so a shared data_dir is built once (the others then find it
       # prepared) and per-host disks are each built by their own process.
       import jax
-      from jax.experimental import multihost_utils
+
+      from bagel_jax.sharding import barrier
       n = jax.process_count()
       for turn in range(n):
         if turn == jax.process_index() and not _prepared(builder):
           builder.download_and_prepare(file_format="array_record")
-        if n > 1:
-          multihost_utils.sync_global_devices(f"bagel_jax tfds {name} {turn}")
+        if n > 1:  # a coordination-service barrier: building may take far longer than gloo's 30 s deadline
+          barrier(f"tfds_{name}_{turn}")
           builder = open_builder()
     if not _prepared(builder):
       raise DataError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir}")

@@ -25,8 +25,18 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+  """16-bit and 32-bit grey images (modes I;16*, I, F) scaled to 8 bits; PIL's own convert clips them."""
+  if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+    return img
+  a = np.asarray(img, np.float64)
+  top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+  return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
 def pil_img2rgb(img: Image.Image) -> Image.Image:
   """Upstream's `pil_img2rgb`: RGBA (and palette with transparency) composited on white."""
+  img = to_8bit(img)
   if img.mode == "RGBA" or img.info.get("transparency", None) is not None:
     img = img.convert("RGBA")
     white = Image.new(mode="RGB", size=img.size, color=(255, 255, 255))

@@ -33,25 +33,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from bagel_jax.inference import cli_checks
+  return cli_checks.reported(lambda: _chat(args))
+
+
+def _chat(args) -> int:
   import jax.numpy as jnp
 
-  from bagel_jax.config import ConfigError
-  from bagel_jax.inference import InferenceError, Inferencer, load_image
-  from bagel_jax.tokenizer import TokenizerError
-  from bagel_jax.weights import CheckpointError
+  from bagel_jax.inference import Inferencer, load_image
+  from bagel_jax.inference.cli_checks import checkpoint_config
 
-  try:
-    images = [load_image(p) for p in args.image]
-    inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
-                                     dtype=None if args.dtype is None else getattr(jnp, args.dtype),
-                                     attention_impl=args.attention)
-    [answer] = inf.interleave_inference(images + [args.question], understanding_output=True, think=args.think,
-                                        max_think_token_n=args.max_tokens, do_sample=args.sample,
-                                        text_temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                        seed=args.seed)
-  except (InferenceError, ConfigError, CheckpointError, TokenizerError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  checkpoint_config(args.checkpoint)  # before the weights are read
+  images = [load_image(p) for p in args.image]
+  inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
+                                   dtype=None if args.dtype is None else getattr(jnp, args.dtype),
+                                   attention_impl=args.attention)
+  [answer] = inf.interleave_inference(images + [args.question], understanding_output=True, think=args.think,
+                                      max_think_token_n=args.max_tokens, do_sample=args.sample,
+                                      text_temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed)
   print(answer)
   return 0
 

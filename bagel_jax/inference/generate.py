@@ -72,46 +72,51 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from bagel_jax.inference import cli_checks
+  return cli_checks.reported(lambda: _generate(args))
+
+
+def _generate(args) -> int:
   import jax.numpy as jnp
 
-  from bagel_jax.config import ConfigError
   from bagel_jax.inference import InferenceError, Inferencer, load_image, taylorseer
-  from bagel_jax.tokenizer import TokenizerError
-  from bagel_jax.weights import CheckpointError
+  from bagel_jax.inference.cli_checks import checkpoint_config, output_path, save_png
+  from bagel_jax.inference.inferencer import check_image_size
 
   edit = bool(args.image)
-  try:
-    if args.steps < 2:
-      raise InferenceError(f"--steps must be at least 2 (it gives steps - 1 Euler steps); got {args.steps}")
-    taylorseer.from_options(args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
-                            first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode,
-                            fresh_tolerance=args.fresh_tolerance)  # refused before the checkpoint loads
-    images = [load_image(p) for p in args.image]
-    t0 = time.time()
-    inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
-                                     dtype=None if args.dtype is None else getattr(jnp, args.dtype),
-                                     attention_impl=args.attention)
-    print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
-    t0 = time.time()
-    outs = inf.interleave_inference(
-        images + [args.prompt], think=args.think, max_think_token_n=args.max_think_tokens,
-        cfg_text_scale=args.cfg_text_scale,
-        cfg_img_scale=args.cfg_img_scale if args.cfg_img_scale is not None else (2.0 if edit else 1.0),
-        cfg_interval=args.cfg_interval or ((0.0, 1.0) if edit else (0.4, 1.0)),
-        cfg_renorm_type=args.cfg_renorm_type or ("text_channel" if edit else "global"),
-        cfg_renorm_min=args.cfg_renorm_min, timestep_shift=args.timestep_shift, num_timesteps=args.steps,
-        image_shapes=args.size, seed=args.seed, progress=not args.no_progress,
-        enable_taylorseer=args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
-        first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode, fresh_tolerance=args.fresh_tolerance)
-  except (InferenceError, ConfigError, CheckpointError, TokenizerError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  # Everything a request can get wrong is checked before the weights are read.
+  if args.steps < 2:
+    raise InferenceError(f"--steps must be at least 2 (it gives steps - 1 Euler steps); got {args.steps}")
+  taylorseer.from_options(args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
+                          first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode,
+                          fresh_tolerance=args.fresh_tolerance)
+  cfg = checkpoint_config(args.checkpoint)
+  out = output_path(args.out)
+  if not edit:
+    check_image_size(cfg, args.size, "--size")
+  images = [load_image(p) for p in args.image]
+  t0 = time.time()
+  inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
+                                   dtype=None if args.dtype is None else getattr(jnp, args.dtype),
+                                   attention_impl=args.attention)
+  print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
+  t0 = time.time()
+  outs = inf.interleave_inference(
+      images + [args.prompt], think=args.think, max_think_token_n=args.max_think_tokens,
+      cfg_text_scale=args.cfg_text_scale,
+      cfg_img_scale=args.cfg_img_scale if args.cfg_img_scale is not None else (2.0 if edit else 1.0),
+      cfg_interval=args.cfg_interval or ((0.0, 1.0) if edit else (0.4, 1.0)),
+      cfg_renorm_type=args.cfg_renorm_type or ("text_channel" if edit else "global"),
+      cfg_renorm_min=args.cfg_renorm_min, timestep_shift=args.timestep_shift, num_timesteps=args.steps,
+      image_shapes=args.size, seed=args.seed, progress=not args.no_progress,
+      enable_taylorseer=args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
+      first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode, fresh_tolerance=args.fresh_tolerance)
   for o in outs:
     if isinstance(o, str):
       print(o)
     else:
-      o.save(args.out, format="PNG")
-      print(f"wrote {args.out} ({o.size[1]}x{o.size[0]}) in {time.time() - t0:.1f}s", file=sys.stderr)
+      save_png(o, out)
+      print(f"wrote {out} ({o.size[1]}x{o.size[0]}) in {time.time() - t0:.1f}s", file=sys.stderr)
   return 0
 
 

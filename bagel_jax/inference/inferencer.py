@@ -60,7 +60,7 @@ def load_image(path: str | pathlib.Path):
     with Image.open(path) as im:
       im.load()
       return pil_img2rgb(im)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+  except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
     raise InferenceError(f"{path}: cannot read the image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'})") from None
 
 

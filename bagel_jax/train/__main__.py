@@ -24,11 +24,11 @@ def refused_errors() -> tuple[type[BaseException], ...]:
   from bagel_jax.layout import LayoutError
   from bagel_jax.sharding import ShardingError
   from bagel_jax.tokenizer import TokenizerError
-  from bagel_jax.train.checkpoints import CheckpointMismatch
+  from bagel_jax.train.checkpoints import CheckpointCorrupt, CheckpointMismatch
   from bagel_jax.train.optim import OptimConfigError
   from bagel_jax.weights import CheckpointError
   return (ShardingError, TrainConfigError, ConfigError, DataError, TokenizerError, LayoutError, OptimConfigError,
-          SampleError, CheckpointMismatch, CheckpointError, FloatingPointError)
+          SampleError, CheckpointMismatch, CheckpointCorrupt, CheckpointError, FloatingPointError)
 
 
 def _fail(message: str) -> None:
@@ -63,10 +63,17 @@ def main(argv=None) -> None:
     from bagel_jax.sharding import initialize_distributed
     from bagel_jax.train.loop import run
     initialize_distributed()
+    from bagel_jax import faults
+    faults.quiet_background_tracebacks()
     try:
       result = run(flags.FLAGS.config, flags.FLAGS.workdir)
     except refused_errors() as e:
       _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a full disk or a read-only folder is one line; a bug keeps its traceback
+      line = faults.describe(e)
+      if line is None or faults.show_traceback():
+        raise
+      _fail(line)
     if "eval" in result:
       print(json.dumps(result["eval"], indent=1))
 

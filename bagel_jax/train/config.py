@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       seed=42,
       workers=0,  # grain worker processes (mp_prefetch); 0 = in-process
       read_threads=1, read_buffer=8,
+      max_skip_fraction=0.25,  # corrupt / unreadable records skipped (and counted) up to this share of all read
   )
   c.optim = dict(lr=1e-4, schedule="constant", warmup_steps=2000, min_lr=1e-7, b1=0.9, b2=0.95, eps=1e-15,
                  weight_decay=0.0, clip=1.0, freeze_llm=False, freeze_vit=False, freeze_vit_connector=False,

@@ -29,6 +29,7 @@ import numpy as np
 from bagel_jax.train import init_hf
 from bagel_jax.train.config import (TrainConfigError, check_mesh, check_tokenizer, dtype_of, model_config,
                                     sharding_rules)
+from bagel_jax.train import validate
 from bagel_jax.train.flops import step_flops
 from bagel_jax.train.metrics import MetricsWriter, peak_flops, tokens_sq
 from bagel_jax.train.vae_stage import vae_stage
@@ -65,11 +66,8 @@ def check_values(config) -> None:
   from bagel_jax.train import optim
 
   t = config.train
-  for k in ("steps", "log_every"):
-    if int(t[k]) <= 0:
-      raise TrainConfigError(f"train.{k}={t[k]} must be positive")
-  if not 0.0 <= float(t.ema_decay) < 1.0:
-    raise TrainConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+  validate.check_keys(config)
+  validate.check_ranges(config)
   dtype_of(config.model.param_dtype), dtype_of(config.model.dtype)
   optim.schedule(config.optim, int(t.steps))  # refuses a bad schedule
   if config.model.remat not in REMAT_POLICIES:
@@ -84,6 +82,8 @@ def prepare(config, workdir) -> Setup:
 
   check_values(config)
   cfg = model_config(config)
+  validate.check_capacity(config, cfg)
+  validate.check_batch_memory(config, cfg, jax.process_count())
   tok = training_tokenizer(init_hf.tokenizer_spec(config, workdir))
   check_tokenizer(tok, cfg)
   data = pipeline.make_pipeline(config.data, cfg, tok, seed=int(config.data.seed),
@@ -231,10 +231,10 @@ def build_run(setup: Setup) -> Run:
                                   save_every=int(config.train.save_every), async_save=bool(config.train.async_save),
                                   in_flight_hook=_debug_save_hook(config, workdir))
   data_iter = NonFiniteBatches(iter(setup.data)) if config.debug.nonfinite_batches else iter(setup.data)
-  start = ckpt.latest_step()
+  found = ckpt.restore_latest(shd.abstract_with_shardings(abstract_state, state_sh))  # damaged steps skipped
   vae_file = workdir / "vae"
-  if start is not None:
-    state, data_state, _ = ckpt.restore(start, shd.abstract_with_shardings(abstract_state, state_sh))
+  if found is not None:
+    start, state, data_state, _ = found
     data_iter.set_state(data_state)
     vae_abs = shd.abstract_with_shardings(abstract["vae"], vae_sh)
     vae_params = checkpoints.load_params(vae_file, vae_abs) if vae_params is None else jax.device_put(vae_params, vae_sh)
@@ -261,6 +261,9 @@ def _all_agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
+
+  from bagel_jax.sharding import barrier
+  barrier("all_agree")  # the broadcast is a gloo collective: no process may arrive 30 s late
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
@@ -276,6 +279,7 @@ class StepLog:
     self.log_every = int(config.train.log_every)
     self.steps = int(config.train.steps)
     self.max_streak = int(config.train.max_nonfinite_streak)
+    self.max_skip_fraction = float(config.data.max_skip_fraction)
     self.streak = int(jax.device_get(r.state.nonfinite_streak))
     self.nonfinite_total = int(jax.device_get(r.state.nonfinite_total))
     self.acc: list = []
@@ -291,6 +295,7 @@ class StepLog:
 
     s, metrics, info = item
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    validate.check_skipped(info, self.max_skip_fraction)
     self.streak = self.streak + 1 if m["skipped"] else 0
     self.nonfinite_total += int(m["skipped"])
     if self.max_streak and self.streak >= self.max_streak:
@@ -428,10 +433,16 @@ def train_loop(r: Run, log: StepLog, stop: StopSignal, bar) -> int:
   step = r.start
   while step < steps:
     batch, info = next_batch(r.data_iter, r.hp.grad_accum_steps)
+    gbatch = None
     if step_fn is None:
-      step_fn, batch_sh = compile_step(r, batch)
       t0 = time.time()
-    r.state, metrics = step_fn(r.state, r.vae_params, shd.host_local_to_global(batch, batch_sh))
+      step_fn, batch_sh = compile_step(r, batch)
+      gbatch = shd.host_local_to_global(batch, batch_sh)
+      if jax.process_count() > 1:  # every process compiled before the first collective runs
+        step_fn.lower(r.state, r.vae_params, gbatch).compile()
+        shd.barrier("first_step")
+    gbatch = shd.host_local_to_global(batch, batch_sh) if gbatch is None else gbatch
+    r.state, metrics = step_fn(r.state, r.vae_params, gbatch)
     if step == r.start:
       jax.block_until_ready(metrics)
       _log.info("first step (compile + run) took %.1fs", time.time() - t0)
@@ -469,7 +480,7 @@ def run(config, workdir) -> dict:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
   r = build_run(setup)
   steps = int(config.train.steps)
-  writer = MetricsWriter(workdir, is_main)
+  writer = MetricsWriter(workdir, is_main, r.start)  # rows after the restored step are dropped
   bar = tqdm(total=steps, initial=r.start, desc="train", dynamic_ncols=True, disable=not is_main, mininterval=1.0)
   log = StepLog(r, writer, bar)
   with StopSignal() as stop:

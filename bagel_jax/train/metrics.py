@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 
 import numpy as np
@@ -27,16 +28,40 @@ def peak_flops(config) -> float | None:
   return None
 
 
-class MetricsWriter:
+def truncate_rows(path: pathlib.Path, last_step: int) -> int:
+  """Drops the rows of `path` (metrics.jsonl) after `last_step` and any line a killed run left
+  half-written; returns how many were dropped. The file is replaced atomically."""
+  if not path.is_file():
+    return 0
+  keep, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      ok = int(json.loads(line)["step"]) <= last_step
+    except (ValueError, KeyError, TypeError):
+      ok = False
+    keep.append(line) if ok else None
+    dropped += not ok
+  if dropped:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{ln}\n" for ln in keep))
+    os.replace(tmp, path)
+  return dropped
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool):
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard: exactly one row per logged step, also across resumes (rows
+  after the restored step `start` are dropped; TensorBoard purges them with `purge_step`)."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool, start: int = 0):
     self.enabled = enabled
-    self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
+    self.file = None
     self.tb = None
     if enabled:
+      truncate_rows(workdir / "metrics.jsonl", start)
+      self.file = open(workdir / "metrics.jsonl", "a")
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.tb = SummaryWriter(str(workdir / "tb"), purge_step=start + 1)
       except Exception as e:  # noqa: BLE001
         _log.warning("no TensorBoard logs: %s", e)
 

@@ -15,8 +15,8 @@ One step:
    the params cast to the compute dtype (`StepConfig.cast_params`),
    gradients with respect to the trainable "bagel" tree; frozen leaves (`StepConfig.frozen`,
    by default the two fixed sin-cos tables) get zero gradient and are never changed;
-5. if the loss or the gradient norm is not finite the update is skipped (params, optimizer state
-   and EMA unchanged) and `nonfinite_streak` / `nonfinite_total` count it; otherwise the streak
+5. if the loss, the gradient norm or the updated parameters are not finite (a NaN/inf learning
+   rate, an overflowing update) the update is skipped (params, optimizer state and EMA unchanged) and `nonfinite_streak` / `nonfinite_total` count it; otherwise the streak
    resets. `step` counts calls (batches consumed); the optimizer's own count only advances on
    applied updates.
 6. EMA: ema = d * ema + (1 - d) * param after every applied update (upstream: decay 0.9999).
@@ -158,6 +158,12 @@ def compute_cast(params: PyTree, dtype) -> PyTree:
   return jax.tree.map(one, params)
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+  """True when every floating value of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -207,6 +213,7 @@ def train_step(model: BagelModel, tx: optax.GradientTransformation, hp: StepConf
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params = jax.tree.map(lambda n, o, f: o if f else n.astype(o.dtype), params, state.params, frozen)
+  ok = ok & all_finite(params)  # a finite loss and gradient can still give a non-finite update
   params = _select(ok, params, state.params)
   opt_state = _select(ok, opt_state, state.opt_state)
   ema = state.ema

@@ -68,8 +68,8 @@ def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
   from bagel_jax.weights.hub import resolve_checkpoint
 
   folder = resolve_checkpoint(dir, need_tokenizer=False).absolute()
-  state_dir = folder / STATE_DIR if (folder / STATE_DIR).is_dir() else folder
-  cfg = load_config(folder if (folder / "llm_config.json").is_file() else state_dir.parent)
+  state_dir, config_dir = converted_dirs(folder)
+  cfg = load_config(config_dir)
   model_abstract = BagelModel(cfg).abstract_params()
   stored = OrbaxState(state_dir)
 
@@ -100,8 +100,26 @@ def load_checkpoint(dir, mesh=None, dtype=None, shardings=None):
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape), abstract)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+  except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for damaged files
+    line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{state_dir}: damaged or incomplete Orbax checkpoint ({line}); convert the "
+                          "release again") from None
 
 
-__all__ = ["load_checkpoint", "fsdp_shardings", "read_conversion_info"]
+def converted_dirs(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(the Orbax state folder, the folder of its configs) of a converted folder or of its state/;
+  a one-line error naming `folder` when it is neither."""
+  if not folder.is_dir():
+    raise CheckpointError(f"{folder}: checkpoint folder not found")
+  if (folder / STATE_DIR).is_dir():
+    return folder / STATE_DIR, folder
+  if (folder / "_METADATA").is_file() and (folder.parent / "llm_config.json").is_file():
+    return folder, folder.parent  # the state/ folder itself
+  raise CheckpointError(f"{folder}: not a converted checkpoint folder (no {STATE_DIR}/ with llm_config.json "
+                        "beside it); convert a release with python -m convert.safetensors_to_orbax")
+
+
+__all__ = ["load_checkpoint", "fsdp_shardings", "read_conversion_info", "converted_dirs"]
