@@ -29,7 +29,7 @@ from bagel_jax import layout as L
 from bagel_jax.config import BagelConfig
 from bagel_jax.data import samples as S
 from bagel_jax.data.packing import PackBatches, PackSpec
-from bagel_jax.data.sources import DataError, JsonlSource, ParquetSource, tfds_source
+from bagel_jax.data.sources import UNREADABLE, DataError, GuardedSource, JsonlSource, ParquetSource, tfds_source
 from bagel_jax.data.transforms import DEFAULT_MAX_PIXELS, ImageTransform
 
 FORMATS = ("t2i_parquet", "edit_parquet", "vlm_jsonl", "tfds")
@@ -50,6 +50,8 @@ class ParseRecord:
       return S.Skipped(self.group, f"{type(e).__name__}: {e}")
 
   def parse(self, rec, rng):
+    if isinstance(rec, dict) and UNREADABLE in rec:
+      raise S.SampleError(f"unreadable record ({rec[UNREADABLE]})")
     g, b = self.g, self.b
     if self.fmt == "t2i_parquet":
       return S.t2i_sample(rec, b, rng, self.group)
@@ -98,7 +100,7 @@ def make_source(name: str, g: dict, build_tfds: bool = True):
     raise DataError(f"data group {name!r}: {e}") from None
   if len(src) == 0:
     raise DataError(f"data group {name!r}: the dataset is empty ({g.get('path') or g.get('name')})")
-  return src
+  return GuardedSource(src)
 
 
 def transforms_for(data_cfg, g: dict, model_cfg: BagelConfig) -> tuple[ImageTransform, ImageTransform]:

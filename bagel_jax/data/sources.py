@@ -114,6 +114,31 @@ class ParquetSource:
     return f"ParquetSource({len(self.files)} files, {self._len} rows)"
 
 
+UNREADABLE = "__unreadable__"
+
+
+class GuardedSource:
+  """A source whose unreadable records (a damaged parquet page, a corrupt ArrayRecord chunk, an
+  unreadable file) come back as {UNREADABLE: reason}: the parser skips and counts them, never fatal."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int):
+    try:
+      return self.source[i]
+    except IndexError:
+      raise
+    except Exception as e:  # noqa: BLE001 - pyarrow, array_record and the file system raise many types
+      return {UNREADABLE: f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"}
+
+  def __repr__(self) -> str:
+    return f"GuardedSource({self.source!r})"
+
+
 class JsonlSource:
   """Lines of jsonl files, parsed on access (a malformed line raises when read, and is skipped)."""
 
