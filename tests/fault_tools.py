@@ -4,8 +4,8 @@
 - `flip_bytes(path, offset)`, `truncate(path, size)`: damaged copies of the files the project reads;
 - `full_disk(root, size)`: a folder on a small tmpfs where the test may mount one (a real ENOSPC),
   else an ordinary folder and a `preexec_fn` that sets RLIMIT_FSIZE (writes past it fail with EFBIG);
-- `read_only(folder)`: a folder the child process cannot write: a read-only tmpfs (root), or mode
-  0555 (not root), or mode 0555 and a child that drops to user `nobody` (root without mounts);
+- `read_only(folder)`: a folder the child process cannot write: a read-only bind mount (root), mode
+  0555 (not root), else a `sitecustomize` shim in the child that fails Python's writes there (EROFS);
 - `assert_one_line(stderr, prefix)`: the last line is the error, and there is no traceback;
 - `tb_scalars(logdir, tag)`: TensorBoard scalars as TensorBoard shows them (purged steps dropped).
 """
@@ -21,10 +21,8 @@ import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 from typing import Callable, Iterator
-
-NOBODY = 65534
-
 
 def snapshot(folder: pathlib.Path) -> dict[str, str]:
   folder = pathlib.Path(folder)
@@ -56,7 +54,8 @@ def assert_one_line(stderr: str, prefix: str) -> str:
 
 
 def _mount(*args: str) -> bool:
-  if os.geteuid() != 0 or shutil.which("mount") is None:
+  """Runs `mount` where the test may (root); BAGEL_TEST_NO_MOUNT=1 tries the fallbacks instead."""
+  if os.geteuid() != 0 or shutil.which("mount") is None or os.environ.get("BAGEL_TEST_NO_MOUNT"):
     return False
   return subprocess.run(["mount", *args], capture_output=True).returncode == 0
 
@@ -86,44 +85,81 @@ def full_disk(root: pathlib.Path, size: int) -> Iterator[tuple[pathlib.Path, Cal
     yield folder, _limit_file_size(size), os.strerror(27)  # EFBIG
 
 
-def _drop_to_nobody() -> None:
-  os.setgid(NOBODY)
-  os.setuid(NOBODY)
+# A child-side stand-in for a read-only mount where the test can neither mount nor rely on file
+# modes (root without CAP_SYS_ADMIN): Python's file-creating calls on paths inside the folder fail
+# with EROFS. The tools' first writes to a destination are Python's (mkdtemp, mkdir, open).
+_READ_ONLY_SHIM = '''
+import builtins, errno, io, os
+_RO = os.path.abspath(os.environ["BAGEL_TEST_READ_ONLY"])
 
 
-def open_up(path: pathlib.Path) -> None:
-  """Lets user `nobody` reach `path` (x on every parent, r on the path's tree)."""
-  path = pathlib.Path(path).absolute()
-  for p in [path, *path.parents]:
-    with contextlib.suppress(OSError):
-      os.chmod(p, os.stat(p).st_mode | 0o011)
-  for p in [path, *path.rglob("*")]:
-    with contextlib.suppress(OSError):
-      os.chmod(p, os.stat(p).st_mode | (0o055 if p.is_dir() else 0o044))
+def _inside(p):
+  try:
+    p = os.path.abspath(os.fsdecode(p))
+  except TypeError:
+    return False
+  return p == _RO or p.startswith(_RO + os.sep)
+
+
+def _deny(p):
+  raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(p))
+
+
+_open, _os_open = builtins.open, os.open
+
+
+def _guarded_open(file, mode="r", *a, **k):
+  if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and _inside(file):
+    _deny(file)
+  return _open(file, mode, *a, **k)
+
+
+def _guarded_os_open(path, flags, *a, **k):
+  if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and _inside(path):
+    _deny(path)
+  return _os_open(path, flags, *a, **k)
+
+
+builtins.open = io.open = _guarded_open
+os.open = _guarded_os_open
+for _name in ("mkdir", "rename", "replace", "remove", "unlink", "rmdir"):
+  def _wrap(*a, _f=getattr(os, _name), **k):
+    for x in a[:2]:
+      if isinstance(x, (str, bytes, os.PathLike)) and _inside(x):
+        _deny(x)
+    return _f(*a, **k)
+  setattr(os, _name, _wrap)
+'''
+
+
+def _read_only_env(folder: pathlib.Path) -> dict[str, str]:
+  shim = pathlib.Path(tempfile.mkdtemp(prefix="bagel_ro_shim_"))
+  (shim / "sitecustomize.py").write_text(_READ_ONLY_SHIM)
+  path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+  return {"PYTHONPATH": path, "BAGEL_TEST_READ_ONLY": str(folder)}
 
 
 @contextlib.contextmanager
-def read_only(folder: pathlib.Path) -> Iterator[Callable[[], None] | None]:
-  """Makes `folder` (already filled) read-only for a child process; yields the child's preexec_fn."""
+def read_only(folder: pathlib.Path) -> Iterator[dict[str, str]]:
+  """Makes `folder` (already filled) read-only for a child process; yields environment variables
+  for the child: a read-only bind mount (root), mode 0555 (not root), else a Python-level shim."""
   folder = pathlib.Path(folder)
   if os.geteuid() != 0:
     os.chmod(folder, 0o555)
     try:
-      yield None
+      yield {}
     finally:
       os.chmod(folder, 0o755)
     return
-  if _mount("--bind", str(folder), str(folder)) and _mount("-o", "remount,bind,ro", str(folder)):
-    try:
-      yield None
-    finally:
-      _umount(folder)
-    return
-  os.chmod(folder, 0o555)
-  try:
-    yield _drop_to_nobody
-  finally:
-    os.chmod(folder, 0o755)
+  if _mount("--bind", str(folder), str(folder)):
+    if _mount("-o", "remount,bind,ro", str(folder)):
+      try:
+        yield {}
+      finally:
+        _umount(folder)
+      return
+    _umount(folder)
+  yield _read_only_env(folder)
 
 
 def tb_scalars(logdir: pathlib.Path, tag: str) -> dict[int, list[float]]:

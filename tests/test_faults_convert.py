@@ -26,7 +26,7 @@ from bagel_jax.weights.folders import MARKER, check_removable, foreign_file, rem
 from bagel_jax.weights.errors import CheckpointError
 from convert.orbax_to_safetensors import export
 from convert.safetensors_to_orbax import convert, main as convert_main, main_wrapper
-from tests.fault_tools import assert_one_line, full_disk, open_up, read_only, snapshot
+from tests.fault_tools import assert_one_line, full_disk, read_only, snapshot
 
 FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures" / "bagel_tiny_a"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -193,11 +193,10 @@ def test_read_only_destination_is_one_line(tmp_path):
   parent.mkdir()
   (parent / "mine.txt").write_text("keep me\n")
   before = snapshot(parent)
-  open_up(tmp_path)
-  with read_only(parent) as preexec:
+  with read_only(parent) as env:
     r = subprocess.run([sys.executable, "-m", "convert.safetensors_to_orbax", "--src", str(FIXTURE_DIR), "--dst",
-                        str(parent / "out"), "--quiet"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                       capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+                        str(parent / "out"), "--quiet"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", **env),
+                       capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-3000:]
   line = assert_one_line(r.stderr, "error: ")
   assert str(parent) in line and ("Read-only file system" in line or "Permission denied" in line), line

@@ -49,9 +49,10 @@ class Trainer:
             f"--config.data.groups.qa.data_dir={self.data}", f"--config.train.steps={STEPS}",
             f"--config.train.save_every={EVERY}", "--config.train.keep=3", *extra]
 
-  def run(self, workdir: pathlib.Path, *extra: str, preexec=None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(self.cmd(workdir, *extra), cwd=REPO, env=_env(self.cache), capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec)
+  def run(self, workdir: pathlib.Path, *extra: str, preexec=None, env: dict | None = None,
+          timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(self.cmd(workdir, *extra), cwd=REPO, env=dict(_env(self.cache), **(env or {})),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
   def start(self, workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(self.cmd(workdir, *extra), cwd=REPO, env=_env(self.cache), stdout=subprocess.DEVNULL,
@@ -174,11 +175,8 @@ def test_read_only_workdir(trainer, tmp_path):
   work.mkdir()
   (work / "notes.txt").write_text("mine\n")
   before = snapshot(work)
-  from tests.fault_tools import open_up
-  open_up(tmp_path)
-  open_up(trainer.root)
-  with read_only(work) as preexec:
-    r = trainer.run(work, preexec=preexec)
+  with read_only(work) as env:
+    r = trainer.run(work, env=env)
   assert r.returncode == 2, r.stderr[-3000:]
   line = assert_one_line(r.stderr, PREFIX)
   assert str(work) in line and ("Read-only file system" in line or "Permission denied" in line), line
