@@ -144,9 +144,14 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
   if not path.is_file():
     raise ConfigError(f"{path}: file not found")
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+    raw = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path}: invalid JSON ({e})") from None
+  except OSError as e:
+    raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: invalid JSON (not an object)")
+  return raw
 
 
 def _pick(cls: type, src: dict[str, Any], path: pathlib.Path, required: tuple[str, ...] = ()) -> Any:

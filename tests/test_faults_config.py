@@ -3,6 +3,7 @@ the field, the value and the allowed range (`bagel_jax.train.validate`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import subprocess
@@ -18,17 +19,18 @@ from bagel_jax.train import validate
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _compiled_too_early(name, *args, **kwargs):
+  raise AssertionError(f"{name} was compiled before the bad input was refused")
+
+
+def _refusing_jit(fun=None, *args, **kwargs):
+  """jax.jit whose functions fail when called (= compiled): used as a decorator or directly."""
+  return _refusing_jit if fun is None else functools.partial(_compiled_too_early, getattr(fun, "__name__", fun))
+
+
 @pytest.fixture
 def no_compile(monkeypatch):
-  """Any jitted function called (= compiled) fails the test."""
-  def fake_jit(fun=None, *a, **k):
-    if fun is None:
-      return lambda f: fake_jit(f)
-
-    def refuse(*args, **kwargs):
-      raise AssertionError(f"{getattr(fun, '__name__', fun)} was compiled before the bad input was refused")
-    return refuse
-  monkeypatch.setattr(jax, "jit", fake_jit)
+  monkeypatch.setattr(jax, "jit", _refusing_jit)
 
 
 def tiny():

@@ -135,3 +135,24 @@ def test_load_checkpoint_names_the_folder_given(tmp_path):
   with pytest.raises(CheckpointError) as e:
     load_checkpoint(tmp_path / "runs" / "x")
   assert str(e.value).startswith(f"{tmp_path / 'runs' / 'x'}: ") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name,damage", [("llm_config.json", "truncate"), ("vit_config.json", "flip"),
+                                         ("tokenizer.json", "truncate"), ("ema.safetensors", "truncate"),
+                                         ("ae.safetensors", "flip_header")])
+def test_damaged_release_files_are_one_line(tmp_path, capsys, name, damage):
+  """Every file of a release folder the tools read, truncated or byte-flipped: one line naming it."""
+  rel = tmp_path / "release"
+  shutil.copytree(FIXTURE_DIR, rel)
+  shutil.copy(TOKENIZER, rel / "tokenizer.json")
+  f = rel / name
+  if damage == "truncate":
+    truncate(f, f.stat().st_size // 2)
+  else:
+    flip_bytes(f, 1 if damage == "flip" else 12, 8)
+  before = snapshot(rel)
+  rc = generate.main(["--checkpoint", str(rel), "--prompt", "x", "--size", "16x16", "--steps", "3",
+                      "--no-progress", "--out", str(tmp_path / "a.png")])
+  line = assert_one_line(capsys.readouterr().err, "error: ")
+  assert rc == 2 and name in line, line
+  assert snapshot(rel) == before and not (tmp_path / "a.png").exists()

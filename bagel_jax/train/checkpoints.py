@@ -258,6 +258,7 @@ def _verify(state: PyTree, data: dict, meta: dict) -> None:
   want = meta.get("fingerprint") if isinstance(meta, dict) else None
   if want is None:
     return  # saved before fingerprints existed
+  _sync("fingerprint")  # the sums are collectives across processes
   got, _ = fingerprint(state)
   bad = sorted(k for k in want if got.get(k) != want[k])
   if bad or set(got) != set(want):
