@@ -72,8 +72,10 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def full_disk(root: pathlib.Path, size: int) -> Iterator[tuple[pathlib.Path, Callable[[], None] | None, str]]:
-  """(folder, preexec_fn for the child, the error text the child should report)."""
+def full_disk(root: pathlib.Path, size: int,
+              file_limit: int | None = None) -> Iterator[tuple[pathlib.Path, Callable[[], None] | None, str]]:
+  """(folder, preexec_fn for the child, the error text the child should report): a tmpfs of `size`
+  bytes (ENOSPC), else a limit of `file_limit` bytes per file in the child (EFBIG)."""
   folder = pathlib.Path(root)
   folder.mkdir(parents=True, exist_ok=True)
   if _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)):
@@ -82,7 +84,7 @@ def full_disk(root: pathlib.Path, size: int) -> Iterator[tuple[pathlib.Path, Cal
     finally:
       _umount(folder)
   else:
-    yield folder, _limit_file_size(size), os.strerror(27)  # EFBIG
+    yield folder, _limit_file_size(file_limit or size), os.strerror(27)  # EFBIG
 
 
 # A child-side stand-in for a read-only mount where the test can neither mount nor rely on file

@@ -155,18 +155,22 @@ def test_no_intact_checkpoint_is_one_error_line(trainer, reference, damage):
 
 
 def test_full_disk_while_saving(trainer, reference):
-  """The disk fills up during a save: one line naming the file, exit 2; the earlier checkpoints
-  stay intact and the next run (with space) resumes from them to the same end."""
-  with full_disk(trainer.root / "small_disk", 600_000) as (disk, preexec, text):
+  """The disk fills up mid-run (a 12 MB tmpfs holds the VAE and the step-4 checkpoint, not step 8's;
+  without mounts a 600 kB file-size limit fails the first save): one line naming the file, exit 2;
+  what was saved stays intact and the next run (with space) resumes from it to the same end."""
+  with full_disk(trainer.root / "small_disk", 12 << 20, 600_000) as (disk, preexec, text):
     work = disk / "run"
     r = trainer.run(work, preexec=preexec)
     assert r.returncode == 2, r.stderr[-3000:]
     line = assert_one_line(r.stderr, PREFIX)
     assert text in line, line
+    saved = sorted(int(d.name) for d in (work / "checkpoints").iterdir() if d.name.isdigit())
     moved = trainer.root / "after_full_disk"
     shutil.copytree(work, moved)
   r = trainer.run(moved)
   assert r.returncode == 0, r.stderr[-3000:]
+  if saved:
+    assert f"at step {saved[-1]}" in r.stderr
   assert_same_run(reference, moved)
 
 
