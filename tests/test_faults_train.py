@@ -50,7 +50,7 @@ class Trainer:
             f"--config.train.save_every={EVERY}", "--config.train.keep=3", *extra]
 
   def run(self, workdir: pathlib.Path, *extra: str, preexec=None, env: dict | None = None,
-          timeout: float = 900) -> subprocess.CompletedProcess:
+          timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(self.cmd(workdir, *extra), cwd=REPO, env=dict(_env(self.cache), **(env or {})),
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
@@ -114,7 +114,7 @@ def test_kill_9_at_random_points_then_resume(trainer, reference):
   work = trainer.root / "killed"
   for _ in range(2):
     p = trainer.start(work)
-    _kill_when_stepping(p, rng.uniform(0.0, 1.5), time.time() + 300)
+    _kill_when_stepping(p, rng.uniform(0.0, 1.5), time.time() + 1200)
   r = trainer.run(work)
   assert r.returncode == 0, r.stderr[-3000:]
   assert not list((work / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # stale temporary saves removed
