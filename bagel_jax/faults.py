@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import re
+import sys
 
 # errno texts that also reach us inside other exceptions' messages (TensorStore, Orbax, grain).
 ERRNO_TEXTS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG,
@@ -55,8 +56,18 @@ class _DropBackgroundTracebacks(logging.Filter):
 _DROP = _DropBackgroundTracebacks()
 
 
+def _unraisable(info) -> None:
+  """Drops TensorStore's callbacks into an Orbax event loop that a failed save already closed
+  (printed as 'Exception ignored ... Event loop is closed' tracebacks at exit); others as usual."""
+  if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+    return
+  sys.__unraisablehook__(info)
+
+
 def quiet_background_tracebacks() -> None:
   """For command-line tools: no traceback from background threads' log records on stderr."""
+  if not show_traceback():
+    sys.unraisablehook = _unraisable
   for name in ("absl", ""):
     logger = logging.getLogger(name)
     if _DROP not in logger.filters:
