@@ -21,9 +21,13 @@ WEIGHT_FILES = ("ema.safetensors", "ema.safetensors.index.json", "model.safetens
 
 
 def checkpoint_config(path: str):
-  """The BagelConfig of a release or converted folder (read from its small config files)."""
+  """The BagelConfig of a release or converted folder (read from its small config files); None for
+  a Hugging Face repo id not on disk (its configs come with the download, checked then)."""
   from bagel_jax.config import load_config
+  from bagel_jax.weights.hub import is_repo_id
   folder = pathlib.Path(path)
+  if not folder.exists() and is_repo_id(path):
+    return None
   if not folder.is_dir():
     raise InferenceError(f"--checkpoint {folder}: no such folder")
   cfg = load_config(folder)

@@ -92,7 +92,7 @@ def _generate(args) -> int:
                           fresh_tolerance=args.fresh_tolerance)
   cfg = checkpoint_config(args.checkpoint)
   out = output_path(args.out)
-  if not edit:
+  if not edit and cfg is not None:
     check_image_size(cfg, args.size, "--size")
   images = [load_image(p) for p in args.image]
   t0 = time.time()
