@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import jax
 
+from bagel_jax.sharding import barrier  # the coordination service: no gloo deadline for slow processes
 from bagel_jax.eval.core import Benchmark, EvalError, Item
 from bagel_jax.eval.images import initial_noise
 from bagel_jax.eval.store import write_json
@@ -119,12 +120,6 @@ def process_items(bench: Benchmark, replicas: Sequence, todo: Sequence[Item], ba
   return tally
 
 
-def barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def _merge_parts(bench: Benchmark) -> dict[str, Any]:
   parts = []
   for i in range(jax.process_count()):
@@ -158,7 +153,7 @@ def run(bench: Benchmark, items: Sequence[Item], replicas_fn, *, batch_size: int
                      "generated": tally.generated, "failed": tally.failed},
           "failures": [{"key": k, "error": e} for k, e in tally.failures]}
   write_json(bench.out / ".eval" / f"process_{pi}.json", part, indent=1)
-  barrier("bagel_eval_done")
+  barrier("eval_done")
   if pi != 0:
     return part
   t0 = time.perf_counter()
