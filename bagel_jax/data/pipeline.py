@@ -6,7 +6,9 @@
 Group formats (`data.groups.NAME.format`):
 - "t2i_parquet": upstream T2I parquet (`image` bytes, `captions` JSON dict of variants); `path`.
 - "edit_parquet": upstream editing parquet (`image_list`, `instruction_list`); `path`.
-- "vlm_jsonl": LLaVA-style jsonl (`image` path(s) under `image_dir`, `conversations`); `path`.
+- "vlm_jsonl": LLaVA-style jsonl (`image` path(s) under `image_dir`, or `video`: a clip or a frame
+  folder under `image_dir`, with a `<video>` placeholder; `conversations`); `path`; video frame
+  sampling `max_num_frames` (12), `min_num_frames` (8), `frame_sample` ("rand", "middle", "fpsX").
 - "tfds": a TFDS dataset in ArrayRecord (`name`, `split`, `data_dir`) with `task` "t2i"
   (`image_key`, `caption_key`), "vlm" (`image_key`, `conversations_key`) or "qa" (`image_key`,
   `qa_key`: a JSON list of [question, answer]; one pair is drawn per sample). The shapes demo
@@ -31,6 +33,7 @@ from bagel_jax.data import samples as S
 from bagel_jax.data.packing import PackBatches, PackSpec
 from bagel_jax.data.sources import UNREADABLE, DataError, GuardedSource, JsonlSource, ParquetSource, tfds_source
 from bagel_jax.data.transforms import DEFAULT_MAX_PIXELS, ImageTransform
+from bagel_jax.data.video import FrameSampler, frame_indices
 
 FORMATS = ("t2i_parquet", "edit_parquet", "vlm_jsonl", "tfds")
 TASKS = ("t2i", "vlm", "qa")
@@ -39,9 +42,10 @@ TASKS = ("t2i", "vlm", "qa")
 class ParseRecord:
   """record, rng -> Sample | Skipped (picklable, for grain worker processes)."""
 
-  def __init__(self, fmt: str, group_cfg: dict, builders: S.Builders, group: int):
+  def __init__(self, fmt: str, group_cfg: dict, builders: S.Builders, group: int, name: str = ""):
     self.fmt, self.g, self.b, self.group = fmt, dict(group_cfg), builders, group
     self._load = S.image_file_loader(self.g.get("image_dir", "")) if fmt == "vlm_jsonl" else None
+    self._video = S.video_file_loader(self.g.get("image_dir", ""), frame_sampler(name, self.g)) if fmt == "vlm_jsonl" else None
 
   def __call__(self, rec: Any, rng: np.random.Generator):
     try:
@@ -58,7 +62,7 @@ class ParseRecord:
     if self.fmt == "edit_parquet":
       return S.edit_sample(rec, b, rng, self.group)
     if self.fmt == "vlm_jsonl":
-      return S.vlm_sample(rec, b, rng, self.group, load_image=self._load)
+      return S.vlm_sample(rec, b, rng, self.group, load_image=self._load, load_video=self._video)
     task = g.get("task", "t2i")
     image_key = g.get("image_key", "image")
     if task == "t2i":
@@ -79,6 +83,16 @@ class ParseRecord:
         conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
       return S.vlm_sample({"image": rec[image_key], "conversations": conv}, b, rng, self.group)
     raise S.SampleError(f"unknown task {task!r}")
+
+
+def frame_sampler(name: str, g: dict) -> FrameSampler:
+  """A group's video frame sampler: `max_num_frames` (12), `min_num_frames` (8), `frame_sample` ("rand")."""
+  try:
+    fs = FrameSampler(int(g.get("max_num_frames", 12)), int(g.get("min_num_frames", 8)), str(g.get("frame_sample", "rand")))
+    frame_indices(fs.min_num_frames, 1, fs.sample, np.random.default_rng(0))  # refuses an unknown sampling now
+  except (ValueError, TypeError) as e:
+    raise DataError(f"data group {name!r}: {e}") from None
+  return fs
 
 
 def make_source(name: str, g: dict, build_tfds: bool = True):
@@ -181,7 +195,7 @@ def make_pipeline(data_cfg, model_cfg: BagelConfig, tokenizer, *, seed: int, pro
       if len(ds) == 0:
         raise DataError(f"data group {name!r}: no records for process {process_index} of {process_count}")
     ds = ds.seed(seed * 1000 + gi).shuffle().repeat(None)
-    ds = ds.random_map(ParseRecord(g["format"], g, builders, gi))
+    ds = ds.random_map(ParseRecord(g["format"], g, builders, gi, name))
     iters.append(ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 1)) or 1,
                                                       prefetch_buffer_size=int(data_cfg.get("read_buffer", 8)))))
     weights.append(w)

@@ -11,7 +11,8 @@ adds text and images the way upstream's datasets do:
   longer than one step) the instructions concatenated before a single final target;
   intermediate targets are re-added clean (VAE + ViT) so later tokens can see them;
 - understanding (`SftJSONLIterableDataset`, LLaVA format): human turns without loss, split at
-  `<image>` placeholders into text and ViT images; gpt turns with CE loss.
+  `<image>` placeholders into text and ViT images; gpt turns with CE loss. A `video` record's
+  `<video>` placeholder becomes one `<image>` per sampled frame (`bagel_jax.data.video`).
 
 Then upstream's pack-time CFG dropout (`layout.cfg_dropout`) with the configured probabilities;
 a dropped image's payload is removed. Errors raise; `safe(...)` turns them into `Skipped`.
@@ -219,23 +220,43 @@ def conversation_elements(conversations: Sequence[dict], num_images: int) -> lis
   return out
 
 
+def video_placeholders(conversations: Sequence[dict], num_frames: int) -> list[dict]:
+  """Upstream's video record rule: `<video>` in the FIRST turn becomes one `<image>` per frame (a
+  record whose first turn lacks it is refused, as upstream raises there). Returns a new list."""
+  convs = [dict(t) for t in conversations]
+  if not convs or "<video>" not in str(convs[0].get("value", "")):
+    raise SampleError("video record: no <video> placeholder in the first conversation turn")
+  convs[0]["value"] = str(convs[0]["value"]).replace("<video>", "<image>" * num_frames)
+  return convs
+
+
 def vlm_sample(rec: dict, b: Builders, rng: np.random.Generator, group: int = 0, *,
-               load_image: Callable[[Any], Image.Image] | None = None) -> Sample:
-  """A LLaVA-style record: `image` (a path, bytes, or a list of them) and `conversations`."""
+               load_image: Callable[[Any], Image.Image] | None = None,
+               load_video: Callable[[Any, np.random.Generator], list] | None = None) -> Sample:
+  """A LLaVA-style record: `image` (a path, bytes, or a list of them) or `video` (a clip path or a
+  frame folder, read by `load_video` with this record's generator), and `conversations`.
+
+  A clip's frames are ViT images one after another, each its own full split at its own rope id (as
+  upstream's `SftJSONLIterableDataset` plans them), resized with the pixel budget split over the frames.
+  """
   convs = rec["conversations"]
   if isinstance(convs, (str, bytes)):
     convs = json.loads(_text(convs))
   raw = rec.get("image")
-  if "video" in rec and raw is None:
-    raise SampleError("video records are not supported")
-  if raw is None:
-    raws = []
-  elif isinstance(raw, (list, tuple)) or (isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 1):
-    raws = list(raw)
+  if raw is None and rec.get("video") is not None:  # upstream: `image` wins when a record has both
+    if load_video is None:
+      raise SampleError("this data group reads no video records (no frame sampler)")
+    images = load_video(rec["video"], rng)
+    convs = video_placeholders(convs, len(images))
   else:
-    raws = [raw]
-  load = load_image or (lambda x: decode_image(_bytes(x)))
-  images = [load(r) for r in raws]
+    if raw is None:
+      raws = []
+    elif isinstance(raw, (list, tuple)) or (isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 1):
+      raws = list(raw)
+    else:
+      raws = [raw]
+    load = load_image or (lambda x: decode_image(_bytes(x)))
+    images = [load(r) for r in raws]
   elements = conversation_elements(convs, len(images))
   sb = SampleBuilder(b, group)
   it = iter(images)
@@ -245,6 +266,15 @@ def vlm_sample(rec: dict, b: Builders, rng: np.random.Generator, group: int = 0,
     else:
       sb.vit(next(it), enable_cfg=False, img_num=len(images))
   return sb.build(rng)
+
+
+def video_file_loader(image_dir: str, sampler) -> Callable[[Any, np.random.Generator], list]:
+  """`video` values are clip paths (or frame folders ending in "/") under `image_dir`, or clip bytes."""
+  def load(x, rng):
+    if isinstance(x, (bytes, bytearray, dict)):
+      return sampler(_bytes(x), rng)
+    return sampler(os.path.join(image_dir, str(x)), rng)
+  return load
 
 
 def image_file_loader(image_dir: str) -> Callable[[Any], Image.Image]:
