@@ -62,7 +62,10 @@ def frame_indices(num_frames: int, vlen: int, sample: str, rng: np.random.Genera
 
 
 def _open(clip: Any):
-  import av
+  try:
+    import av
+  except ImportError:
+    raise VideoError("reading video needs PyAV: pip install -e '.[video]'") from None
   return av.open(io.BytesIO(bytes(clip)) if isinstance(clip, (bytes, bytearray, memoryview)) else str(clip))
 
 

@@ -7,6 +7,10 @@ text or an image out; think mode; editing; several input images; batches of requ
     [thought, image] = inf.interleave_inference([photo, "make it night"], think=True, cfg_img_scale=2.0,
                                                 cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 
+A video input is a list of frames (PIL images or `ImageInput`s, e.g. from `load_video`): its frames
+go in as images one after another, as upstream's training packs a clip (`<video>` becomes one
+`<image>` per frame), with the ViT pixel budget shared by the frames.
+
 Contexts follow upstream exactly: three per request, gen (everything), cfg_text (everything before
 the last text) and cfg_img (the texts only, no image).  In think mode the system prompt opens gen and
 cfg_img, and the generated reasoning is re-encoded and appended to gen only.  Each input image goes
@@ -137,10 +141,42 @@ class ImageInput:
 Item = Union[str, ImageInput, Any]  # Any: a PIL image
 
 
-def preprocess_image(image, cfg: BagelConfig) -> ImageInput:
+def preprocess_image(image, cfg: BagelConfig, vit_rule: ResizeRule | None = None) -> ImageInput:
   """A PIL image -> upstream's VAE tensor (VAE resize) and ViT tensor (ViT resize of the VAE-resized image)."""
   image = vae_resize_rule(cfg)(pil_img2rgb(image))
-  return ImageInput(vae=to_tensor(image), vit=to_tensor(vit_resize_rule(cfg)(image)))
+  return ImageInput(vae=to_tensor(image), vit=to_tensor((vit_rule or vit_resize_rule(cfg))(image)))
+
+
+def is_video(item) -> bool:
+  """A non-empty list or tuple of images (PIL images or `ImageInput`s): one video input."""
+  return (isinstance(item, (list, tuple)) and len(item) > 0
+          and all(isinstance(f, ImageInput) or hasattr(f, "getbands") for f in item))
+
+
+def preprocess_frames(frames: Sequence[Any], cfg: BagelConfig) -> list[ImageInput]:
+  """A video's frames, each an image as `preprocess_image` makes it, except that the ViT pixel budget
+  is shared by the frames (upstream's training transform gets `img_num` = the number of frames)."""
+  rule = vit_resize_rule(cfg)
+  rule = dataclasses.replace(rule, max_pixels=rule.max_pixels / len(frames))
+  return [f if isinstance(f, ImageInput) else preprocess_image(f, cfg, rule) for f in frames]
+
+
+def load_video(path: str | pathlib.Path, num_frames: int = 8, sample: str = "middle") -> list:
+  """`num_frames` RGB frames of a clip (PyAV), spread over it as upstream's frame sampler spreads them
+  ("middle": the middle frame of each of num_frames equal intervals; "rand" draws from seed 0)."""
+  from bagel_jax.data.video import VideoError, clip_info, decode_frames, frame_indices
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise InferenceError(f"{path}: video file not found")
+  if num_frames < 1:
+    raise InferenceError(f"num_frames must be at least 1; got {num_frames}")
+  try:
+    vlen, fps = clip_info(path)
+    return decode_frames(path, frame_indices(num_frames, vlen, sample, np.random.default_rng(0), input_fps=fps))
+  except VideoError as e:
+    raise InferenceError(f"{path}: cannot read the video ({e})") from None
+  except Exception as e:  # noqa: BLE001 -- FFmpeg raises many types
+    raise InferenceError(f"{path}: cannot read the video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'})") from None
 
 
 def check_image_size(cfg: BagelConfig, hw: Sequence[int], what: str = "image size") -> tuple[int, int]:
@@ -308,19 +344,31 @@ class Inferencer:
         # image scale > 1 only rescales the text guidance (effective scale 1 + s_i (s_t - 1)).
         cfg_img.append(seg)
         continue
-      img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
-      if not understanding:
-        if img.vae is None:
-          raise InferenceError("an image input for image generation needs its VAE tensor")
-        gen.append(self._vae_segment(img, jax.random.fold_in(key, n)))
-        shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
-      elif img.vae is not None:
-        shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
-      if img.vit is None:
-        raise InferenceError("an image input needs its ViT tensor")
-      gen.append(self._vit_segment(img))
+      if is_video(item):  # each frame an image, in order (as upstream's training packs a clip)
+        for f, img in enumerate(preprocess_frames(item, self.cfg)):
+          shape = self._add_image(gen, img, understanding, jax.random.fold_in(jax.random.fold_in(key, n), f)) or shape
+      elif isinstance(item, (list, tuple)):
+        raise InferenceError(f"input {n}: a list must hold token ids or video frames (PIL images or ImageInput)")
+      else:
+        img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
+        shape = self._add_image(gen, img, understanding, jax.random.fold_in(key, n)) or shape
       cfg_text = list(gen)  # upstream: `cfg_text_context = deepcopy(gen_context)` after every image
     return _Request({"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}, shape)
+
+  def _add_image(self, gen: list, img: ImageInput, understanding: bool, key) -> tuple[int, int] | None:
+    """Upstream `update_context_image`: a clean VAE image (generation only), then the ViT image.
+    Returns the image's VAE size (the default size of a generated image), if it has one."""
+    shape = None
+    if not understanding:
+      if img.vae is None:
+        raise InferenceError("an image input for image generation needs its VAE tensor")
+      gen.append(self._vae_segment(img, key))
+    if img.vae is not None:
+      shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
+    if img.vit is None:
+      raise InferenceError("an image input needs its ViT tensor")
+    gen.append(self._vit_segment(img))
+    return shape
 
   def _prefill(self, reqs: list[_Request], names: Sequence[str], extra: int):
     """One batched prefill of every distinct context; returns (cache, {(i, name): (row, length, rope)})."""
@@ -522,6 +570,6 @@ class Inferencer:
     return results
 
 
-__all__ = ["Inferencer", "ImageInput", "load_image", "preprocess_image", "to_uint8", "to_tensor", "ResizeRule",
+__all__ = ["Inferencer", "ImageInput", "load_image", "load_video", "preprocess_image", "preprocess_frames", "is_video", "to_uint8", "to_tensor", "ResizeRule",
            "vae_resize_rule", "vit_resize_rule", "check_image_size", "VLM_THINK_SYSTEM_PROMPT",
            "GEN_THINK_SYSTEM_PROMPT"]
