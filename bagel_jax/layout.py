@@ -13,6 +13,10 @@ Upstream rules reproduced here:
 - ViT image: `<|vision_start|>` + patches + `<|vision_end|>`, full, all at one rope id, then +1.
 - VAE image: markers + h*w latents at one rope id; noisy (loss) blocks are "noise" and do not
   advance the rope id, so the clean copy after them shares it; clean blocks are "full", +1.
+- video frames (VAE images with split_start / split_end / frame_delta): one split for the clip,
+  "noise" only for a target without frame_delta (else "full"), each frame at the current rope id,
+  which then advances by frame_delta (else as a VAE image); the frames of a target clip share one
+  timestep (`vae_image_timestep`: upstream draws it at the split's first frame).
 - markers and ViT tokens use the und expert, VAE latent tokens the gen expert.
 """
 
@@ -57,6 +61,12 @@ class VaeImage:
   special_token_loss: bool = False
   special_token_label: int | None = None
   enable_cfg: bool = False
+  # Video frames (upstream's `_add_video`): the frames of one clip share one split, from the frame
+  # with split_start to the one with split_end; frame_delta (the gap to the next sampled frame)
+  # advances the rope id instead of the usual rule, and makes a target clip's split "full".
+  split_start: bool = True
+  split_end: bool = True
+  frame_delta: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +150,7 @@ class Layout:
   ce_weights: jax.Array  # [B, Nc] float32: 0 padding, else 1 or upstream's len2weight
   vae_image_noisy: jax.Array  # [B, Ni] 1 where VAE image i of the row is a target
   vae_image_grid: jax.Array  # [B, Ni, 2] (rows, cols) in latent tokens
+  vae_image_timestep: jax.Array  # [B, Ni] the image whose timestep image i uses (itself; a clip's first frame)
 
   @property
   def length(self) -> int:
@@ -163,17 +174,27 @@ def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_si
   """
   r = {k: [] for k in ("kind", "expert", "rope", "sample", "text", "mode_block", "vit_idx", "vit_pos",
                        "vit_block", "vae_idx", "lat_pos", "vae_img", "vae_noisy", "ce_idx", "ce_lab", "ce_w",
-                       "img_noisy", "img_grid", "splits")}
+                       "img_noisy", "img_grid", "img_t", "splits")}
   curr = 0
   vit_count = 0
   for s, plan in enumerate(samples):
     rope = 0
     sample_start = curr
+    split = None  # the open split: [start, mode, first VAE image of the split]
+
+    def close():
+      nonlocal split
+      if split is not None:
+        r["splits"].append((split[0], curr, split[1], sample_start))
+      split = None
+
     for item in plan:
       if isinstance(item, RopeSkip):
         rope += 1
         continue
-      start = curr
+      if not (isinstance(item, VaeImage) and not item.split_start and split is not None):
+        close()
+        split = [curr, None, len(r["img_noisy"])]
 
       def put(kind: int, expert: int, text_id: int = 0, rope_id: int = 0) -> int:
         nonlocal curr
@@ -222,7 +243,7 @@ def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_si
           raise LayoutError(f"VAE image grid {gh}x{gw} latent tokens exceeds max_latent_size={max_latent_size}")
         put(TOKEN_TEXT, EXPERT_UND, tokens.start_of_image, rope)
         img = len(r["img_noisy"])
-        r["img_noisy"].append(int(item.loss)); r["img_grid"].append((gh, gw))
+        r["img_noisy"].append(int(item.loss)); r["img_grid"].append((gh, gw)); r["img_t"].append(split[2])
         for i in range(gh):
           for j in range(gw):
             r["vae_idx"].append(put(TOKEN_VAE, EXPERT_GEN, 0, rope))
@@ -230,15 +251,21 @@ def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_si
             r["vae_img"].append(img); r["vae_noisy"].append(int(item.loss))
         pos = put(TOKEN_TEXT, EXPERT_UND, tokens.end_of_image, rope)
         end_marker_loss(item, pos)
-        if not item.loss:
+        if item.frame_delta is not None:
+          rope += int(item.frame_delta)
+        elif not item.loss:
           rope += 1
-        mode = MODE_NOISE if item.loss else MODE_FULL
+        mode = MODE_NOISE if item.loss and item.frame_delta is None else MODE_FULL
       else:
         raise LayoutError(f"unknown plan item {item!r}")
-      r["splits"].append((start, curr, mode, sample_start))
-    for split in r["splits"]:
-      if split[3] == sample_start:
-        r["mode_block"].append((split, curr))
+      if split[1] is None:  # the split's first item sets its mode (upstream: at split_start)
+        split[1] = mode
+      if not isinstance(item, VaeImage) or item.split_end:
+        close()
+    close()  # a clip whose last frame was CFG-dropped ends with the sample
+    for sp in r["splits"]:
+      if sp[3] == sample_start:
+        r["mode_block"].append((sp, curr))
   return r
 
 
@@ -299,6 +326,7 @@ def pack(rows: Sequence[Sequence[Plan]], capacity: Capacity, tokens: SpecialToke
       "ce_indexes": arr((sizes["ce"],), t), "ce_labels": arr((sizes["ce"],), 0),
       "ce_weights": arr((sizes["ce"],), 0.0, np.float32),
       "vae_image_noisy": arr((sizes["vae_images"],), 0), "vae_image_grid": arr((sizes["vae_images"], 2), 0),
+      "vae_image_timestep": np.tile(np.arange(sizes["vae_images"], dtype=np.int32), (b, 1)),
   }
   for i, p in enumerate(packed):
     n = lens[i]
@@ -323,6 +351,7 @@ def pack(rows: Sequence[Sequence[Plan]], capacity: Capacity, tokens: SpecialToke
     out["ce_indexes"][i, :nc] = p["ce_idx"]; out["ce_labels"][i, :nc] = p["ce_lab"]; out["ce_weights"][i, :nc] = p["ce_w"]
     ni = len(p["img_noisy"])
     out["vae_image_noisy"][i, :ni] = p["img_noisy"]
+    out["vae_image_timestep"][i, :ni] = p["img_t"]
     if ni:
       out["vae_image_grid"][i, :ni] = np.asarray(p["img_grid"], np.int32)
   return Layout(**out)

@@ -9,6 +9,7 @@ import json
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from bagel_jax import layout as L
 from bagel_jax.data import samples as S
@@ -161,3 +162,42 @@ def test_bad_clips_are_skipped_and_counted(tmp_path):
     make_pipeline(data_config({"video": dict(group, min_num_frames=5)}))
   with pytest.raises(DataError, match="'video'.*frame sampling"):
     make_pipeline(data_config({"video": dict(group, frame_sample="every")}))
+
+
+def test_video_frames_for_generation_pack_as_upstream():
+  """Upstream's `_add_video` plan (VAE frames with split_start / split_end / frame_delta) through
+  `pack_sequence`, worked by hand: one split per clip, rope ids advancing by the frame gaps."""
+  import jax
+  from bagel_jax.train.step import image_timesteps
+  b = S.Builders(TOK, ImageTransform(32, 16, 8), None, 14, 8)
+  frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]  # 2 x 2 latent tokens each
+  sb = S.SampleBuilder(b).text("a red square", loss=False, enable_cfg=False)
+  sb.video(frames[:2], [0, 3], need_loss=False, need_vae=True, enable_cfg=False)
+  sb.video(frames, [4, 6, 9], need_loss=True, need_vae=False).text("the shapes", loss=False, enable_cfg=False)
+  one = S.SampleBuilder(b).text("one", loss=False, enable_cfg=False).video(frames[:1], [7], True, False)
+  s0, s1 = sb.build(np.random.default_rng(0)), one.build(np.random.default_rng(0))
+  assert [i.frame_delta for i in s0.plan[1:6]] == [3, None, 2, 3, None] and len(s0.vae) == 5
+  lay = L.pack([[s0.plan, s1.plan]], L.Capacity(tokens=96), CFG.tokens, max_patches_per_side=8, max_latent_size=8)
+  q, end, o = (len(TOK.encode(x)) + 2 for x in ("a red square", "the shapes", "one"))
+  r = q
+  rope = list(range(q))
+  rope += [r] * 6 + [r + 3] * 6  # clean clip: frame 0 at r, +3; last frame +1 (a clean image)
+  rope += [r + 4] * 6 + [r + 6] * 6 + [r + 9] * 6  # target clip: +2, +3; last frame no advance (loss)
+  rope += list(range(r + 9, r + 9 + end))
+  rope += list(range(o)) + [o] * 6  # sample 2 restarts at 0
+  n = len(rope)
+  np.testing.assert_array_equal(lay.rope_ids[0, :n], rope)
+  # modes: a multi-frame target clip is "full" (it has frame_delta), a one-frame target "noise"
+  ref = _upstream_dense_mask([[(q, "causal"), (12, "full"), (18, "full"), (end, "causal")], [(o, "causal"), (6, "noise")]])
+  np.testing.assert_array_equal(L.dense_mask_np(lay)[:n, :n], ref)
+  np.testing.assert_array_equal(lay.vae_image_noisy[0, :6], [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(lay.vae_image_timestep[0, :6], [0, 0, 2, 2, 2, 5])
+  t = np.asarray(image_timesteps(jax.random.key(0), lay, lay.vae_image_noisy.shape, 1.0))[0]
+  assert t[0] == t[1] == 0 and t[2] == t[3] == t[4] > 0 and t[5] > 0 and t[5] != t[2]  # one t per clip
+
+  # A CFG-dropped frame advances the rope id by one (upstream); the clip's split holds the kept frames.
+  clip = [L.VaeImage((2, 2), split_start=True, split_end=False, frame_delta=3), L.RopeSkip(),
+          L.VaeImage((2, 2), split_start=False, split_end=True), L.Text([7])]
+  lay = L.pack([[clip]], L.Capacity(tokens=32), CFG.tokens, max_patches_per_side=8, max_latent_size=8)
+  np.testing.assert_array_equal(lay.rope_ids[0, :15], [0] * 6 + [4] * 6 + [5, 6, 7])
+  np.testing.assert_array_equal(L.dense_mask_np(lay)[:15, :15], _upstream_dense_mask([[(12, "full"), (3, "causal")]]))

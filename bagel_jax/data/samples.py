@@ -87,10 +87,26 @@ class SampleBuilder:
       self.plan.append(L.Text(ids, loss=loss, enable_cfg=enable_cfg)); self.payload.append(None)
     return self
 
-  def vae(self, img: Image.Image, loss: bool, enable_cfg: bool, img_num: int = 1) -> "SampleBuilder":
+  def vae(self, img: Image.Image, loss: bool, enable_cfg: bool, img_num: int = 1, **frame) -> "SampleBuilder":
+    """A VAE image; `frame`: split_start / split_end / frame_delta of a video frame (`layout.VaeImage`)."""
     x, grid = _transformed(self.b.vae_transform, "VAE", "vae_transform", img, img_num, self.b.latent_downsample)
-    self.plan.append(L.VaeImage(grid, loss=loss, enable_cfg=enable_cfg))
+    self.plan.append(L.VaeImage(grid, loss=loss, enable_cfg=enable_cfg, **frame))
     self.payload.append(x)
+    return self
+
+  def video(self, frames: Sequence[Image.Image], frame_indexes: Sequence[int], need_loss: bool,
+            need_vae: bool, enable_cfg: bool = True) -> "SampleBuilder":
+    """Upstream's `_add_video`: a clip's frames as VAE images in one split, a generation target
+    (need_loss) or clean context (need_vae), the rope id advancing by the gap between frame indexes."""
+    if int(need_loss) + int(need_vae) != 1:
+      raise SampleError("a video is either a generation target or clean context (need_loss xor need_vae)")
+    if len(frames) != len(frame_indexes) or not frames:
+      raise SampleError(f"a video needs one frame index per frame ({len(frames)} frames, {len(frame_indexes)} indexes)")
+    last = len(frames) - 1
+    for i, (img, fi) in enumerate(zip(frames, frame_indexes)):
+      delta = {"frame_delta": int(frame_indexes[i + 1]) - int(fi)} if i < last else {}
+      self.vae(img, loss=need_loss, enable_cfg=enable_cfg and not need_loss, split_start=i == 0,
+               split_end=i == last, **delta)
     return self
 
   def vit(self, img: Image.Image, enable_cfg: bool, img_num: int = 1) -> "SampleBuilder":

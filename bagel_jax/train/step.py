@@ -9,7 +9,7 @@ One step:
 2. encodes the (zero-padded, NHWC, [-1, 1]) VAE images to a posterior *sample* under
    `stop_gradient` (upstream samples; the VAE is frozen and not in the trainable tree) and
    cuts the layout's latent tokens out of them;
-3. draws one raw timestep u ~ N(0, 1) per VAE image, t = shift(sigmoid(u)) for generation
+3. draws one raw timestep u ~ N(0, 1) per VAE image (one per video clip: `vae_image_timestep`), t = shift(sigmoid(u)) for generation
    targets and t = 0 for clean (conditioning) images, and noise eps ~ N(0, I) per latent token;
 4. loss = ce_weight * CE + mse_weight * MSE (`BagelModel.loss`, upstream's normalisation) with
    the params cast to the compute dtype (`StepConfig.cast_params`),
@@ -120,6 +120,15 @@ def timesteps_from_raw(raw: jax.Array, noisy: jax.Array, shift: float) -> jax.Ar
   return jnp.where(noisy, shift_timesteps(jax.nn.sigmoid(raw), shift), 0.0)
 
 
+def image_timesteps(key: jax.Array, lay: Layout, shape: tuple[int, int], shift: float) -> jax.Array:
+  """[B, Ni] flow time per VAE image: one raw draw per image, the frames of a video clip sharing the
+  draw of its first frame (`Layout.vae_image_timestep`; upstream draws t once per split)."""
+  raw = jax.random.normal(key, shape, jnp.float32)
+  if shape[1]:
+    raw = jnp.take_along_axis(raw, lay.vae_image_timestep, axis=1)
+  return timesteps_from_raw(raw, lay.vae_image_noisy > 0, shift)
+
+
 def flow_batch(model: BagelModel, hp: StepConfig, vae_params: PyTree, batch: TrainBatch,
                rng: jax.Array) -> Batch:
   """TrainBatch -> the model's Batch: VAE posterior sample, per-image timesteps, noise."""
@@ -136,7 +145,7 @@ def flow_batch(model: BagelModel, hp: StepConfig, vae_params: PyTree, batch: Tra
     x0 = model.latent_tokens(lat.reshape((b, ni) + lat.shape[1:]), lay)
   else:
     x0 = jnp.zeros((b, nl, pdim), jnp.float32)
-  t_img = timesteps_from_raw(jax.random.normal(k_t, (b, ni), jnp.float32), lay.vae_image_noisy > 0, hp.timestep_shift)
+  t_img = image_timesteps(k_t, lay, (b, ni), hp.timestep_shift)
   img = jnp.maximum(lay.vae_image_ids, 0)
   t_tok = jnp.take_along_axis(t_img, img, axis=1) if ni else jnp.zeros((b, nl), jnp.float32)
   t_tok = jnp.where(lay.vae_image_ids >= 0, t_tok, 0.0)
@@ -284,5 +293,5 @@ def jit_init_train_state(tx: optax.GradientTransformation, mesh: jax.sharding.Me
 
 
 __all__ = ["TrainBatch", "TrainState", "StepConfig", "FROZEN_TABLES", "init_train_state", "train_step",
-           "flow_batch", "timesteps_from_raw", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state",
+           "flow_batch", "image_timesteps", "timesteps_from_raw", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state",
            "MeshBound", "path_str"]
