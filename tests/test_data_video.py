@@ -1,6 +1,6 @@
 """Video records (upstream's vlm_sft `video` + `<video>`): the frame sampler, PyAV decoding of clips
-made here, packing of a clip's frames as upstream's `pack_sequence` does, and bad clips skipped and
-counted."""
+made here, packing of a clip's frames as upstream's `pack_sequence` does, bad clips skipped and
+counted; and upstream's VAE video frames for generation (`_add_video` plans, `frame_delta`)."""
 
 from __future__ import annotations
 

@@ -8,24 +8,18 @@ import pytest
 from PIL import Image
 
 from bagel_jax import layout as L
-from bagel_jax.api import BagelModel
-from bagel_jax.config import bagel_7b_mot, load_config
+from bagel_jax.config import bagel_7b_mot
 from bagel_jax.image import patchify
-from bagel_jax.inference import InferenceError, Inferencer, load_video
+from bagel_jax.inference import InferenceError, load_video
 from bagel_jax.inference.inferencer import preprocess_frames, preprocess_image
 from bagel_jax.model.bagel import Batch, interval_spec
 from bagel_jax.model.qwen2_mot import DecoderOptions
-from tests.conftest import FIXTURE_DIR, rel_err
+from tests.conftest import rel_err
 from tests.test_data_video import frame_index, make_clip
+from tests.test_inference_und import inf  # noqa: F401 (the fixture model's inferencer, a pytest fixture)
 
 TOL = 1e-4
 
-
-@pytest.fixture(scope="module")
-def inf():
-  cfg = load_config(FIXTURE_DIR)
-  model = BagelModel(cfg, attention_impl="reference")
-  return Inferencer(model, model.load_upstream(FIXTURE_DIR), None)
 
 
 def test_video_context_is_the_training_packing_of_its_frames(inf):
