@@ -188,7 +188,8 @@ def test_video_frames_for_generation_pack_as_upstream():
   n = len(rope)
   np.testing.assert_array_equal(lay.rope_ids[0, :n], rope)
   # modes: a multi-frame target clip is "full" (it has frame_delta), a one-frame target "noise"
-  ref = _upstream_dense_mask([[(q, "causal"), (12, "full"), (18, "full"), (end, "causal")], [(o, "causal"), (6, "noise")]])
+  ref = _upstream_dense_mask([[(q, "causal"), (12, "full"), (18, "full"), (end, "causal")],
+                              [(o, "causal"), (6, "noise")]])
   np.testing.assert_array_equal(L.dense_mask_np(lay)[:n, :n], ref)
   np.testing.assert_array_equal(lay.vae_image_noisy[0, :6], [0, 0, 1, 1, 1, 1])
   np.testing.assert_array_equal(lay.vae_image_timestep[0, :6], [0, 0, 2, 2, 2, 5])

@@ -45,7 +45,9 @@ class ParseRecord:
   def __init__(self, fmt: str, group_cfg: dict, builders: S.Builders, group: int, name: str = ""):
     self.fmt, self.g, self.b, self.group = fmt, dict(group_cfg), builders, group
     self._load = S.image_file_loader(self.g.get("image_dir", "")) if fmt == "vlm_jsonl" else None
-    self._video = S.video_file_loader(self.g.get("image_dir", ""), frame_sampler(name, self.g)) if fmt == "vlm_jsonl" else None
+    self._video = None
+    if fmt == "vlm_jsonl":
+      self._video = S.video_file_loader(self.g.get("image_dir", ""), frame_sampler(name, self.g))
 
   def __call__(self, rec: Any, rng: np.random.Generator):
     try:
@@ -88,7 +90,8 @@ class ParseRecord:
 def frame_sampler(name: str, g: dict) -> FrameSampler:
   """A group's video frame sampler: `max_num_frames` (12), `min_num_frames` (8), `frame_sample` ("rand")."""
   try:
-    fs = FrameSampler(int(g.get("max_num_frames", 12)), int(g.get("min_num_frames", 8)), str(g.get("frame_sample", "rand")))
+    fs = FrameSampler(int(g.get("max_num_frames", 12)), int(g.get("min_num_frames", 8)),
+                      str(g.get("frame_sample", "rand")))
     frame_indices(fs.min_num_frames, 1, fs.sample, np.random.default_rng(0))  # refuses an unknown sampling now
   except (ValueError, TypeError) as e:
     raise DataError(f"data group {name!r}: {e}") from None

@@ -83,12 +83,14 @@ def clip_info(clip: Any) -> tuple[int, float]:
 
 
 def decode_frames(clip: Any, indices: list[int]) -> list[Image.Image]:
-  """The frames at `indices` (display order, repeats allowed) as RGB PIL images, in one decoding pass."""
+  """The frames at `indices` (display order, repeats allowed) as RGB PIL images, in one decoding pass
+  from the start to the last sampled frame (no seeking: exact frame numbers on any container)."""
   wanted = set(indices)
   last = max(indices)
   got: dict[int, Image.Image] = {}
   decoded = 0
   with _open(clip) as c:
+    c.streams.video[0].thread_type = "AUTO"  # frame- and slice-threaded decoding
     for frame in c.decode(video=0):
       if decoded in wanted:
         got[decoded] = frame.to_image().convert("RGB")

@@ -8,5 +8,6 @@ from bagel_jax.inference.text import generate_tokens
 from bagel_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = ["InferenceError", "FlowSettings", "denoise", "schedule", "timestep_grid", "ImageInput", "Inferencer",
-           "load_image", "load_video", "preprocess_image", "KVCache", "TextSegment", "VaeSegment", "VitSegment", "extend",
+           "load_image", "load_video", "preprocess_image", "KVCache", "TextSegment", "VaeSegment", "VitSegment",
+           "extend",
            "prefill", "generate_tokens", "Tokenizer", "TokenizerError", "load_tokenizer"]

@@ -176,7 +176,8 @@ def load_video(path: str | pathlib.Path, num_frames: int = 8, sample: str = "mid
   except VideoError as e:
     raise InferenceError(f"{path}: cannot read the video ({e})") from None
   except Exception as e:  # noqa: BLE001 -- FFmpeg raises many types
-    raise InferenceError(f"{path}: cannot read the video ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt data'})") from None
+    why = str(e).splitlines()[0] if str(e) else "corrupt data"
+    raise InferenceError(f"{path}: cannot read the video ({type(e).__name__}: {why})") from None
 
 
 def check_image_size(cfg: BagelConfig, hw: Sequence[int], what: str = "image size") -> tuple[int, int]:
@@ -570,6 +571,7 @@ class Inferencer:
     return results
 
 
-__all__ = ["Inferencer", "ImageInput", "load_image", "load_video", "preprocess_image", "preprocess_frames", "is_video", "to_uint8", "to_tensor", "ResizeRule",
+__all__ = ["Inferencer", "ImageInput", "load_image", "load_video", "preprocess_image", "preprocess_frames", "is_video",
+           "to_uint8", "to_tensor", "ResizeRule",
            "vae_resize_rule", "vit_resize_rule", "check_image_size", "VLM_THINK_SYSTEM_PROMPT",
            "GEN_THINK_SYSTEM_PROMPT"]

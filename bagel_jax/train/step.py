@@ -9,8 +9,9 @@ One step:
 2. encodes the (zero-padded, NHWC, [-1, 1]) VAE images to a posterior *sample* under
    `stop_gradient` (upstream samples; the VAE is frozen and not in the trainable tree) and
    cuts the layout's latent tokens out of them;
-3. draws one raw timestep u ~ N(0, 1) per VAE image (one per video clip: `vae_image_timestep`), t = shift(sigmoid(u)) for generation
-   targets and t = 0 for clean (conditioning) images, and noise eps ~ N(0, I) per latent token;
+3. draws one raw timestep u ~ N(0, 1) per VAE image (one per video clip: `Layout.vae_image_timestep`),
+   t = shift(sigmoid(u)) for generation targets and t = 0 for clean (conditioning) images, and
+   noise eps ~ N(0, I) per latent token;
 4. loss = ce_weight * CE + mse_weight * MSE (`BagelModel.loss`, upstream's normalisation) with
    the params cast to the compute dtype (`StepConfig.cast_params`),
    gradients with respect to the trainable "bagel" tree; frozen leaves (`StepConfig.frozen`,
@@ -293,5 +294,6 @@ def jit_init_train_state(tx: optax.GradientTransformation, mesh: jax.sharding.Me
 
 
 __all__ = ["TrainBatch", "TrainState", "StepConfig", "FROZEN_TABLES", "init_train_state", "train_step",
-           "flow_batch", "image_timesteps", "timesteps_from_raw", "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state",
+           "flow_batch", "image_timesteps", "timesteps_from_raw",
+           "frozen_mask", "compute_cast", "jit_train_step", "jit_init_train_state",
            "MeshBound", "path_str"]
