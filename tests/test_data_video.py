@@ -19,19 +19,22 @@ from bagel_jax.data.transforms import ImageTransform
 from tests.test_data_formats import CFG, TOK, data_config, make_pipeline
 from tests.test_layout import _upstream_dense_mask
 
-STEP = 20  # frame i is one flat colour (STEP * i, 240 - STEP * i, 128): its index survives the codec
+STEP = 20  # frame i is one flat colour (STEP * (i % 12), 2 * STEP * (i // 12), 128): its index survives the codec
 
 
-def make_clip(path, n: int = 12, side: int = 32, fmt: str | None = None):
-  """An n-frame clip of flat coloured squares (mpeg4, 12 fps)."""
+def make_clip(path, n: int = 12, side: int = 32, fmt: str | None = None, codec: str = "mpeg4", gop: int = 12,
+              b_frames: int = 0):
+  """An n-frame clip of flat coloured squares (12 fps), a keyframe every `gop` frames."""
   with av.open(str(path), "w", format=fmt) as c:
-    s = c.add_stream("mpeg4", rate=12)
+    s = c.add_stream(codec, rate=12)
     s.width = s.height = side
     s.pix_fmt = "yuv420p"
+    s.codec_context.gop_size = gop
+    s.codec_context.max_b_frames = b_frames
     c.start_encoding()  # headers even for a clip of no frames
     for i in range(n):
       a = np.empty((side, side, 3), np.uint8)
-      a[:] = (STEP * i, 240 - STEP * i, 128)
+      a[:] = (STEP * (i % 12), 2 * STEP * (i // 12), 128)
       for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
         c.mux(p)
     for p in s.encode():
@@ -40,7 +43,8 @@ def make_clip(path, n: int = 12, side: int = 32, fmt: str | None = None):
 
 
 def frame_index(img) -> int:
-  return int(round(float(np.asarray(img, np.float32)[..., 0].mean()) / STEP))
+  r, g = np.asarray(img, np.float32)[..., :2].reshape(-1, 2).mean(0)
+  return int(round(r / STEP)) + 12 * int(round(g / (2 * STEP)))
 
 
 def test_frame_indices_follow_upstream():
@@ -81,6 +85,18 @@ def test_sampler_decodes_the_sampled_frames(tmp_path):
   assert [frame_index(f) for f in a] == [frame_index(f) for f in b]
   with pytest.raises(ValueError, match="min_num_frames"):
     V.FrameSampler(4, 8)
+
+
+@pytest.mark.parametrize("codec,ext,b_frames", [("mpeg4", "avi", 0), ("libx264", "mp4", 2), ("mpeg4", "mkv", 2)])
+def test_seeking_to_keyframes_decodes_the_same_frames(tmp_path, codec, ext, b_frames):
+  clip = make_clip(tmp_path / f"clip.{ext}", n=24, codec=codec, gop=4, b_frames=b_frames)
+  ix = V.clip_index(clip)
+  assert ix.num_frames == 24 and len(ix.pts) == 24 and 4 <= len(ix.keys) < 24
+  want = [1, 2, 9, 14, 15, 22, 22]
+  assert V._decode_seeking(clip, sorted(set(want)), ix) is not None  # the keyframe path is taken
+  seek, in_order = V.decode_frames(clip, want, ix), V.decode_frames(clip, want)
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(seek, in_order))
+  assert [frame_index(f) for f in in_order] == want
 
 
 def test_three_frame_clip_packs_exactly_as_upstream(tmp_path):

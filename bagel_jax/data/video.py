@@ -19,6 +19,7 @@ before a sampled frame raises `VideoError` (the pipeline skips the record and co
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import os
@@ -69,36 +70,102 @@ def _open(clip: Any):
   return av.open(io.BytesIO(bytes(clip)) if isinstance(clip, (bytes, bytearray, memoryview)) else str(clip))
 
 
-def clip_info(clip: Any) -> tuple[int, float]:
-  """(number of frames, average frames per second): the container's frame count, else its packets."""
+@dataclasses.dataclass(frozen=True)
+class ClipIndex:
+  """What one pass over a clip's packets (no decoding) tells: its frames and where decoding can start."""
+
+  num_frames: int
+  fps: float
+  pts: tuple[int, ...] = ()  # display-order timestamps of the frames (empty: the packets had none)
+  keys: tuple[int, ...] = ()  # timestamps of the keyframes
+
+
+def clip_index(clip: Any) -> ClipIndex:
   with _open(clip) as c:
     if not c.streams.video:
       raise VideoError("no video stream")
     s = c.streams.video[0]
     fps = float(s.average_rate or s.guessed_rate or 1.0)
-    n = int(s.frames or 0)
-    if n <= 0:
-      n = sum(1 for p in c.demux(s) if p.size)
-  return n, fps
+    n, pts, keys = 0, [], []
+    for p in c.demux(s):
+      if p.size:
+        n += 1
+        if p.pts is not None:
+          pts.append(int(p.pts))
+          if p.is_keyframe:
+            keys.append(int(p.pts))
+  if len(pts) < n or not keys:
+    return ClipIndex(n, fps)
+  return ClipIndex(n, fps, tuple(sorted(pts)), tuple(sorted(keys)))
 
 
-def decode_frames(clip: Any, indices: list[int]) -> list[Image.Image]:
-  """The frames at `indices` (display order, repeats allowed) as RGB PIL images, in one decoding pass
-  from the start to the last sampled frame (no seeking: exact frame numbers on any container)."""
-  wanted = set(indices)
-  last = max(indices)
+def clip_info(clip: Any) -> tuple[int, float]:
+  """(number of frames, average frames per second)."""
+  ix = clip_index(clip)
+  return ix.num_frames, ix.fps
+
+
+def _rgb(frame) -> Image.Image:
+  return frame.to_image().convert("RGB")
+
+
+def _decode_in_order(clip: Any, wanted: list[int]) -> dict[int, Image.Image]:
+  """Decodes from the first frame to the last wanted one, keeping the wanted ones."""
   got: dict[int, Image.Image] = {}
+  want = set(wanted)
   decoded = 0
   with _open(clip) as c:
     c.streams.video[0].thread_type = "AUTO"  # frame- and slice-threaded decoding
     for frame in c.decode(video=0):
-      if decoded in wanted:
-        got[decoded] = frame.to_image().convert("RGB")
+      if decoded in want:
+        got[decoded] = _rgb(frame)
       decoded += 1
-      if decoded > last:
+      if decoded > wanted[-1]:
         break
   if len(got) < len(wanted):
-    raise VideoError(f"the clip ends after {decoded} decodable frames; frame {last} was sampled")
+    raise VideoError(f"the clip ends after {decoded} decodable frames; frame {wanted[-1]} was sampled")
+  return got
+
+
+def _decode_seeking(clip: Any, wanted: list[int], ix: ClipIndex) -> dict[int, Image.Image] | None:
+  """Seeks to the keyframe before each wanted frame that lies past the decoded ones; None if a
+  decoded frame's timestamp does not match the index (the caller then decodes in order)."""
+  got: dict[int, Image.Image] = {}
+  with _open(clip) as c:
+    s = c.streams.video[0]
+    s.thread_type = "AUTO"
+    frames, pos = None, None
+    for i in wanted:
+      target = ix.pts[i]
+      key = ix.keys[max(0, bisect.bisect_right(ix.keys, target) - 1)]
+      if frames is None or pos is None or key > pos:
+        c.seek(key, stream=s, backward=True, any_frame=False)
+        frames = c.decode(s)
+      found = None
+      for frame in frames:
+        if frame.pts is None:
+          return None
+        pos = int(frame.pts)
+        if pos >= target:
+          found = frame if pos == target else None
+          break
+      if found is None:
+        return None
+      got[i] = _rgb(found)
+  return got
+
+
+def decode_frames(clip: Any, indices: list[int], index: ClipIndex | None = None) -> list[Image.Image]:
+  """The frames at `indices` (display order, repeats allowed) as RGB PIL images. With the clip's
+  `index` (timestamps and keyframes), decoding starts at the keyframe before each sampled frame
+  (far less decoding on long clips); without one, or if the timestamps disagree, it runs from the
+  first frame to the last sampled one."""
+  wanted = sorted(set(int(i) for i in indices))
+  if index is not None and wanted[-1] >= index.num_frames:
+    raise VideoError(f"frame {wanted[-1]} was sampled from a clip of {index.num_frames} frames")
+  got = _decode_seeking(clip, wanted, index) if index is not None and index.pts else None
+  if got is None:
+    got = _decode_in_order(clip, wanted)
   return [got[i] for i in indices]
 
 
@@ -140,8 +207,8 @@ class FrameSampler:
     try:
       if isinstance(clip, str) and clip.endswith("/"):
         return read_frame_folder(clip, n, self.sample, rng)
-      vlen, fps = clip_info(clip)
-      return decode_frames(clip, frame_indices(n, vlen, self.sample, rng, input_fps=fps))
+      ix = clip_index(clip)
+      return decode_frames(clip, frame_indices(n, ix.num_frames, self.sample, rng, input_fps=ix.fps), ix)
     except VideoError as e:
       raise VideoError(f"{name}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- FFmpeg, the file system and Pillow raise many types
