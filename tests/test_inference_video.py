@@ -14,7 +14,7 @@ from bagel_jax.inference import InferenceError, load_video
 from bagel_jax.inference.inferencer import preprocess_frames, preprocess_image
 from bagel_jax.model.bagel import Batch, interval_spec
 from bagel_jax.model.qwen2_mot import DecoderOptions
-from tests.conftest import rel_err
+from tests.conftest import FIXTURE_DIR, rel_err
 from tests.test_data_video import frame_index, make_clip
 from tests.test_inference_und import inf  # noqa: F401 (the fixture model's inferencer, a pytest fixture)
 
@@ -79,3 +79,25 @@ def test_load_video(tmp_path, inf):
     load_video(tmp_path / "gone.mp4")
   with pytest.raises(InferenceError, match="a list must hold token ids or video frames"):
     inf._build([[frames[0], 3]], False, True, (64, 64), jax.random.key(0))
+
+
+def test_chat_cli_takes_a_video(tmp_path, capsys, monkeypatch):
+  from bagel_jax.inference import Inferencer, chat
+  seen = []
+
+  class Stub:
+    def interleave_inference(self, items, **kw):
+      seen.append(items)
+      return ["ok"]
+
+  monkeypatch.setattr(Inferencer, "from_checkpoint", classmethod(lambda cls, folder, **kw: Stub()))
+  clip = make_clip(tmp_path / "clip.mp4", n=12)
+  common = ["--checkpoint", str(FIXTURE_DIR), "--question", "what happens?"]
+  assert chat.main(common + ["--video", str(clip), "--frames", "3"]) == 0 and capsys.readouterr().out == "ok\n"
+  [[frames, question]] = seen
+  # "middle" of 3 intervals of 12 frames: ranges (0, 3), (4, 7), (8, 11) -> 1, 5, 9
+  assert [frame_index(f) for f in frames] == [1, 5, 9] and question == "what happens?"
+  (tmp_path / "bad.mp4").write_bytes(b"junk" * 30)
+  assert chat.main(common + ["--video", str(tmp_path / "bad.mp4")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{tmp_path / 'bad.mp4'}: cannot read the video" in err[0]

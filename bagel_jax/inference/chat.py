@@ -3,7 +3,8 @@
     python -m bagel_jax.inference.chat --checkpoint DIR --image photo.png --question "What is in this image?"
 
 Greedy by default (upstream's notebook); --sample draws with --temperature (0.3), --top-k, --top-p.
---think opens the context with upstream's reasoning system prompt.  Several --image are allowed.
+--think opens the context with upstream's reasoning system prompt.  Several --image are allowed;
+--video CLIP adds a clip as one video input (--frames frames, the middle one of equal intervals).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m bagel_jax.inference.chat", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="upstream release folder, a folder converted to Orbax, or a Hugging Face repo id")
   p.add_argument("--image", action="append", default=[], help="input image(s)")
+  p.add_argument("--video", action="append", default=[], help="input video clip(s), after the images")
+  p.add_argument("--frames", type=int, default=8, help="frames sampled from each --video clip")
   p.add_argument("--question", required=True)
   p.add_argument("--think", action="store_true")
   p.add_argument("--max-tokens", type=int, default=512, help="token limit, <|im_start|> included (upstream's max_length)")
@@ -40,11 +43,11 @@ def main(argv=None) -> int:
 def _chat(args) -> int:
   import jax.numpy as jnp
 
-  from bagel_jax.inference import Inferencer, load_image
+  from bagel_jax.inference import Inferencer, load_image, load_video
   from bagel_jax.inference.cli_checks import checkpoint_config
 
   checkpoint_config(args.checkpoint)  # before the weights are read
-  images = [load_image(p) for p in args.image]
+  images = [load_image(p) for p in args.image] + [load_video(v, args.frames) for v in args.video]
   inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
                                    dtype=None if args.dtype is None else getattr(jnp, args.dtype),
                                    attention_impl=args.attention)

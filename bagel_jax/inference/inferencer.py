@@ -164,15 +164,16 @@ def preprocess_frames(frames: Sequence[Any], cfg: BagelConfig) -> list[ImageInpu
 def load_video(path: str | pathlib.Path, num_frames: int = 8, sample: str = "middle") -> list:
   """`num_frames` RGB frames of a clip (PyAV), spread over it as upstream's frame sampler spreads them
   ("middle": the middle frame of each of num_frames equal intervals; "rand" draws from seed 0)."""
-  from bagel_jax.data.video import VideoError, clip_info, decode_frames, frame_indices
+  from bagel_jax.data.video import VideoError, clip_index, decode_frames, frame_indices
   path = pathlib.Path(path)
   if not path.is_file():
     raise InferenceError(f"{path}: video file not found")
   if num_frames < 1:
     raise InferenceError(f"num_frames must be at least 1; got {num_frames}")
   try:
-    vlen, fps = clip_info(path)
-    return decode_frames(path, frame_indices(num_frames, vlen, sample, np.random.default_rng(0), input_fps=fps))
+    ix = clip_index(path)
+    return decode_frames(path, frame_indices(num_frames, ix.num_frames, sample, np.random.default_rng(0),
+                                             input_fps=ix.fps), ix)
   except VideoError as e:
     raise InferenceError(f"{path}: cannot read the video ({e})") from None
   except Exception as e:  # noqa: BLE001 -- FFmpeg raises many types
