@@ -64,6 +64,21 @@ def test_frame_indices_follow_upstream():
   assert V.frame_indices(0, 10, "fps1", rng, input_fps=5.0) == [2, 8]
   with pytest.raises(V.VideoError, match="no frames"):
     V.frame_indices(8, 0, "rand", rng)
+  with pytest.raises(V.VideoError, match="shorter than half a period"):
+    V.frame_indices(0, 1, "fps1", rng, input_fps=30.0)
+
+
+def test_frame_folder(tmp_path):
+  """A `video` path ending in "/": frame files ordered by their number (f_10 after f_9), sampled."""
+  folder = tmp_path / "clip"
+  folder.mkdir()
+  for i in range(12):
+    a = np.zeros((16, 16, 3), np.uint8)
+    a[:] = (STEP * i, 0, 128)
+    Image.fromarray(a).save(folder / f"frame_{i}.jpg", quality=95)
+  frames = V.FrameSampler(3, 3, "middle")(str(folder) + "/", np.random.default_rng(0))
+  assert [frame_index(f) for f in frames] == [1, 5, 9]  # the middles of (0, 3), (4, 7), (8, 11)
+  assert len(V.FrameSampler(20, 20)(str(folder) + "/", np.random.default_rng(0))) == 12  # fewer: all of them
 
 
 def test_sampler_decodes_the_sampled_frames(tmp_path):

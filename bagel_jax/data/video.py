@@ -58,6 +58,8 @@ def frame_indices(num_frames: int, vlen: int, sample: str, rng: np.random.Genera
     delta = 1.0 / output_fps
     seconds = np.arange(delta / 2, vlen / input_fps + delta / 2, delta)
     idx = [int(i) for i in np.around(seconds * input_fps).astype(int) if i < vlen]
+    if not idx:
+      raise VideoError(f"the clip ({vlen} frames at {input_fps:g} fps) is shorter than half a period of {sample!r}")
     return idx[:max_num_frames] if max_num_frames > 0 else idx
   raise VideoError(f"frame sampling {sample!r}: expected 'rand', 'middle' or 'fps<rate>'")
 
