@@ -348,22 +348,25 @@ class Inferencer:
         continue
       if is_video(item):  # each frame an image, in order (as upstream's training packs a clip)
         for f, img in enumerate(preprocess_frames(item, self.cfg)):
-          shape = self._add_image(gen, img, understanding, jax.random.fold_in(jax.random.fold_in(key, n), f)) or shape
+          shape = self._add_image(gen, img, understanding, key, (n, f)) or shape
       elif isinstance(item, (list, tuple)):
         raise InferenceError(f"input {n}: a list must hold token ids or video frames (PIL images or ImageInput)")
       else:
         img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
-        shape = self._add_image(gen, img, understanding, jax.random.fold_in(key, n)) or shape
+        shape = self._add_image(gen, img, understanding, key, (n,)) or shape
       cfg_text = list(gen)  # upstream: `cfg_text_context = deepcopy(gen_context)` after every image
     return _Request({"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}, shape)
 
-  def _add_image(self, gen: list, img: ImageInput, understanding: bool, key) -> tuple[int, int] | None:
-    """Upstream `update_context_image`: a clean VAE image (generation only), then the ViT image.
-    Returns the image's VAE size (the default size of a generated image), if it has one."""
+  def _add_image(self, gen: list, img: ImageInput, understanding: bool, key, path: tuple[int, ...]
+                 ) -> tuple[int, int] | None:
+    """Upstream `update_context_image`: a clean VAE image (generation only; its posterior draw from
+    `key` folded with `path`), then the ViT image. Returns the image's VAE size, if it has one."""
     shape = None
     if not understanding:
       if img.vae is None:
         raise InferenceError("an image input for image generation needs its VAE tensor")
+      for i in path:
+        key = jax.random.fold_in(key, i)
       gen.append(self._vae_segment(img, key))
     if img.vae is not None:
       shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
