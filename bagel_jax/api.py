@@ -102,16 +102,22 @@ class BagelModel:
   def latent_tokens(self, latents: jax.Array, layout: Layout) -> jax.Array:
     """Per-row VAE latents [B, Ni, h, w, z] -> the layout's latent tokens [B, Nl, p*p*z].
 
-    Each token takes its image's latent at (row, col) of the layout (upstream crops every
-    padded latent to its own grid and patchifies in (row, col, p, q, channel) order).
+    Each token takes its image's latent at its (row, col) in the image's grid (upstream crops
+    every padded latent to its own grid and patchifies in (row, col, p, q, channel) order);
+    an image's tokens follow each other row-major, images in order (`layout.pack`), so the
+    token's place within its image gives (row, col), whatever the position ids are.
     """
     p = self.cfg.latent_patch_size
     b, ni, h, w, c = latents.shape
     tok = latents.reshape(b, ni, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
     tok = tok.reshape(b, ni, h // p, w // p, p * p * c)
-    side = self.cfg.max_latent_size
-    row, col = layout.latent_position_ids // side, layout.latent_position_ids % side
     img = jnp.maximum(layout.vae_image_ids, 0)
+    grid = layout.vae_image_grid
+    sizes = grid[..., 0] * grid[..., 1]
+    first = jnp.take_along_axis(jnp.cumsum(sizes, axis=-1) - sizes, img, axis=1)
+    cols = jnp.maximum(jnp.take_along_axis(grid[..., 1], img, axis=1), 1)
+    local = jnp.arange(img.shape[1])[None] - first
+    row, col = local // cols, local % cols
     out = jax.vmap(lambda t, i, r, cc: t[i, r, cc])(tok, img, row, col)
     return jnp.where((layout.vae_image_ids >= 0)[..., None], out, 0)
 

@@ -52,8 +52,7 @@ def fixture_batch(folder: pathlib.Path, cases: dict[str, np.ndarray], model: Bag
   cfg = model.cfg
   plan = fixture_plan(folder, cases, model)
   n = int(cases["train/sequence_length"][0])
-  lay = L.pack([[plan]], L.Capacity(tokens=n), cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
-               max_latent_size=cfg.max_latent_size)
+  lay = L.pack([[plan]], L.Capacity(tokens=n), cfg.tokens, **L.position_args(cfg))
   lay = jax.tree.map(jnp.asarray, lay)
   images = jnp.asarray(cases["train/vae_padded_images"]).transpose(0, 2, 3, 1)
   eps = jnp.asarray(cases["train/vae_eps"]).transpose(0, 2, 3, 1)

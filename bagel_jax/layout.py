@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import flax.struct
 import jax
 import numpy as np
 
-from bagel_jax.config import SpecialTokens
+from bagel_jax.config import BagelConfig, SpecialTokens
+from bagel_jax.image import navit_position_ids
 
 TOKEN_PAD, TOKEN_TEXT, TOKEN_VIT, TOKEN_VAE = 0, 1, 2, 3
 EXPERT_UND, EXPERT_GEN = 0, 1
@@ -138,11 +139,11 @@ class Layout:
   und_indexes: jax.Array  # [B, Cu]
   gen_indexes: jax.Array  # [B, Cg]
   vit_indexes: jax.Array  # [B, Nv] positions of ViT tokens
-  vit_position_ids: jax.Array  # [B, Nv] row * max_patches_per_side + col
+  vit_position_ids: jax.Array  # [B, Nv] `image.navit_position_ids` (row * max_patches_per_side + col unless interpolated)
   vit_block_start: jax.Array  # [B, Nv] in the ViT token stream
   vit_block_end: jax.Array
   vae_indexes: jax.Array  # [B, Nl] positions of latent tokens
-  latent_position_ids: jax.Array  # [B, Nl] row * max_latent_size + col
+  latent_position_ids: jax.Array  # [B, Nl] the same over max_latent_size
   vae_image_ids: jax.Array  # [B, Nl] which VAE image of the row (-1 padding)
   vae_noisy: jax.Array  # [B, Nl] 1 for a generation target
   ce_indexes: jax.Array  # [B, Nc]
@@ -166,8 +167,16 @@ class LayoutError(ValueError):
   pass
 
 
+def _grid_ids(grid: tuple[int, int], side: int, interpolate: bool, what: str, field: str) -> list[int]:
+  """An image's position ids (`image.navit_position_ids`); a grid beyond the table is a LayoutError."""
+  try:
+    return navit_position_ids(grid[0], grid[1], side, interpolate).tolist()
+  except ValueError:
+    raise LayoutError(f"{what} grid {grid[0]}x{grid[1]} exceeds {field}={side}") from None
+
+
 def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_side: int,
-              max_latent_size: int, reweight_ce: bool) -> dict[str, list]:
+              max_latent_size: int, reweight_ce: bool, interpolate_pos: bool = False) -> dict[str, list]:
   """One row's per-token lists, item by item in upstream's order (rope ids, intervals, CE/MSE sets).
 
   Kept whole: one pass over the items fills the parallel per-token lists together.
@@ -223,14 +232,12 @@ def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_si
         mode = MODE_CAUSAL
       elif isinstance(item, VitImage):
         gh, gw = item.grid
-        if gh > max_patches_per_side or gw > max_patches_per_side:
-          raise LayoutError(f"ViT image grid {gh}x{gw} patches exceeds vit_max_num_patch_per_side={max_patches_per_side}")
+        r["vit_pos"] += _grid_ids(item.grid, max_patches_per_side, interpolate_pos, "ViT image",
+                                  "vit_max_num_patch_per_side")
         put(TOKEN_TEXT, EXPERT_UND, tokens.start_of_image, rope)
         vstart = vit_count
-        for i in range(gh):
-          for j in range(gw):
-            r["vit_idx"].append(put(TOKEN_VIT, EXPERT_UND, 0, rope))
-            r["vit_pos"].append(i * max_patches_per_side + j)
+        for _ in range(gh * gw):
+          r["vit_idx"].append(put(TOKEN_VIT, EXPERT_UND, 0, rope))
         vit_count += gh * gw
         r["vit_block"].extend([(vstart, vit_count)] * (gh * gw))
         pos = put(TOKEN_TEXT, EXPERT_UND, tokens.end_of_image, rope)
@@ -239,16 +246,13 @@ def _pack_row(samples: Sequence[Plan], tokens: SpecialTokens, max_patches_per_si
         mode = MODE_FULL
       elif isinstance(item, VaeImage):
         gh, gw = item.grid
-        if gh > max_latent_size or gw > max_latent_size:
-          raise LayoutError(f"VAE image grid {gh}x{gw} latent tokens exceeds max_latent_size={max_latent_size}")
+        r["lat_pos"] += _grid_ids(item.grid, max_latent_size, interpolate_pos, "VAE image latent", "max_latent_size")
         put(TOKEN_TEXT, EXPERT_UND, tokens.start_of_image, rope)
         img = len(r["img_noisy"])
         r["img_noisy"].append(int(item.loss)); r["img_grid"].append((gh, gw)); r["img_t"].append(split[2])
-        for i in range(gh):
-          for j in range(gw):
-            r["vae_idx"].append(put(TOKEN_VAE, EXPERT_GEN, 0, rope))
-            r["lat_pos"].append(i * max_latent_size + j)
-            r["vae_img"].append(img); r["vae_noisy"].append(int(item.loss))
+        for _ in range(gh * gw):
+          r["vae_idx"].append(put(TOKEN_VAE, EXPERT_GEN, 0, rope))
+          r["vae_img"].append(img); r["vae_noisy"].append(int(item.loss))
         pos = put(TOKEN_TEXT, EXPERT_UND, tokens.end_of_image, rope)
         end_marker_loss(item, pos)
         if item.frame_delta is not None:
@@ -285,11 +289,21 @@ def _intervals(n: int, splits: list[tuple[tuple[int, int, int, int], int]], t: i
   return k_start, k_end, q_start, q_end
 
 
+def position_args(cfg: BagelConfig) -> dict[str, Any]:
+  """`pack`'s position-table keywords from a model config: `pack(..., **position_args(cfg))`."""
+  return dict(max_patches_per_side=cfg.vit_max_num_patch_per_side, max_latent_size=cfg.max_latent_size,
+              interpolate_pos=cfg.interpolate_pos)
+
+
 def pack(rows: Sequence[Sequence[Plan]], capacity: Capacity, tokens: SpecialTokens, *,
-         max_patches_per_side: int, max_latent_size: int, reweight_ce: bool = False) -> Layout:
-  """Packs `rows` (each a list of sample plans) into a Layout of shape [len(rows), capacity.tokens]."""
+         max_patches_per_side: int, max_latent_size: int, reweight_ce: bool = False,
+         interpolate_pos: bool = False) -> Layout:
+  """Packs `rows` (each a list of sample plans) into a Layout of shape [len(rows), capacity.tokens].
+
+  interpolate_pos: upstream's interpolated position ids (`BagelConfig.interpolate_pos`), else extrapolated.
+  """
   t = capacity.tokens
-  packed = [_pack_row(r, tokens, max_patches_per_side, max_latent_size, reweight_ce) for r in rows]
+  packed = [_pack_row(r, tokens, max_patches_per_side, max_latent_size, reweight_ce, interpolate_pos) for r in rows]
 
   def cap(name: str, need: int) -> int:
     c = getattr(capacity, name)

@@ -147,8 +147,7 @@ def _fixture_batch(model: BagelModel, params, cases) -> Batch:
   s0 = [L.Text(ids[1:6], loss=True, special_token_loss=True, special_token_label=tk.start_of_image),
         L.VaeImage((2, 3), loss=True)]
   s1 = [L.VitImage((3, 4)), L.Text(ids[-7:-1], loss=True)]
-  lay = L.pack([[s0, s1]], L.Capacity(tokens=int(cases["train/sequence_length"][0])), tk,
-               max_patches_per_side=cfg.vit_max_num_patch_per_side, max_latent_size=cfg.max_latent_size)
+  lay = L.pack([[s0, s1]], L.Capacity(tokens=int(cases["train/sequence_length"][0])), tk, **L.position_args(cfg))
   np.testing.assert_array_equal(L.dense_mask_np(lay), cases["train/dense_mask"].astype(bool))
   np.testing.assert_array_equal(lay.rope_ids[0], cases["train/position_ids"])
   lay = jax.tree.map(jnp.asarray, lay)

@@ -61,8 +61,7 @@ def _images_batch(cfg, rows: int, per_row: int):
   plan = [L.Text([5, 6])] + [L.VaeImage((1, 1), loss=i % 2 == 0) for i in range(per_row)]
   n = 4 + 3 * per_row
   cap = L.Capacity(tokens=n, vit=1, vae=per_row, ce=4, vae_images=per_row, und=n, gen=per_row)
-  lay = L.pack([[plan]] * rows, cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
-               max_latent_size=cfg.max_latent_size)
+  lay = L.pack([[plan]] * rows, cap, cfg.tokens, **L.position_args(cfg))
   px = cfg.latent_downsample
   images = np.random.default_rng(0).uniform(-1, 1, (rows, per_row, px, px, 3)).astype(np.float32)
   return TrainBatch(layout=lay, vit_patches=np.zeros((rows, 1, cfg.vit.patch_dim), np.float32), vae_images=images)

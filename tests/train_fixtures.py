@@ -30,8 +30,7 @@ def tiny_batch(cfg: BagelConfig, batch: int, seed: int) -> TrainBatch:
   rows = [_row_plans(rng, cfg) for _ in range(batch)]
   cap = L.Capacity(tokens=TOKENS, vit=VIT, vae=TOKENS // 2, ce=TOKENS // 2, vae_images=VAE_IMAGES,
                    und=TOKENS, gen=TOKENS // 2)
-  lay = L.pack(rows, cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
-               max_latent_size=cfg.max_latent_size)
+  lay = L.pack(rows, cap, cfg.tokens, **L.position_args(cfg))
   px = cfg.latent_downsample
   side = 3 * px
   images = np.zeros((batch, VAE_IMAGES, side, side, 3), np.float32)

@@ -70,8 +70,7 @@ def workload_batch(cfg, seed: int = 0):
   from bagel_jax import layout as L
   from bagel_jax.train.step import TrainBatch
   rng = np.random.default_rng(seed)
-  lay = L.pack([workload_plans(rng)], L.Capacity(tokens=ROW_TOKENS), cfg.tokens,
-               max_patches_per_side=cfg.vit_max_num_patch_per_side, max_latent_size=cfg.max_latent_size)
+  lay = L.pack([workload_plans(rng)], L.Capacity(tokens=ROW_TOKENS), cfg.tokens, **L.position_args(cfg))
   side = 8 * cfg.latent_downsample
   images = rng.uniform(-1, 1, (1, 3, side, side, 3)).astype(np.float32)
   vit = rng.uniform(-1, 1, (1, lay.vit_indexes.shape[1], cfg.vit.patch_dim)).astype(np.float32)

@@ -52,6 +52,7 @@ class PackSpec:
   max_patches_per_side: int
   max_latent_size: int
   reweight_ce: bool = False
+  interpolate_pos: bool = False  # BagelConfig.interpolate_pos
   max_sample_tokens: int = 0  # 0: any sample that fits a row (upstream: max_num_tokens_per_sample)
 
   def cap(self) -> np.ndarray:
@@ -79,7 +80,7 @@ def assemble(rows: list[list[Sample]], spec: PackSpec) -> dict[str, Any]:
   cap = spec.capacity
   lay = L.pack([[s.plan for s in row] for row in rows], cap, spec.tokens,
                max_patches_per_side=spec.max_patches_per_side, max_latent_size=spec.max_latent_size,
-               reweight_ce=spec.reweight_ce)
+               reweight_ce=spec.reweight_ce, interpolate_pos=spec.interpolate_pos)
   p, c = spec.vit_patch, spec.vit_channels
   vit = np.zeros((len(rows), cap.vit, p * p * c), np.float32)
   vae = np.zeros((len(rows), cap.vae_images, spec.vae_side, spec.vae_side, 3), np.float32)

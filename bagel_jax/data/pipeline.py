@@ -138,7 +138,12 @@ def image_limits(data_cfg, model_cfg: BagelConfig) -> tuple[int, int]:
 
 
 def check_image_limits(data_cfg, model_cfg: BagelConfig) -> None:
-  """Refuses image sizes beyond the model's position tables (before anything is built)."""
+  """Refuses image sizes beyond the model's position tables (before anything is built).
+
+  With interpolate_pos every size maps into the tables (upstream's interpolated ids): nothing to refuse.
+  """
+  if model_cfg.interpolate_pos:
+    return
   for name, g in data_cfg.groups.items():
     vae, vit = transforms_for(data_cfg, dict(g), model_cfg)
     lat = vae.max_side // model_cfg.latent_downsample
@@ -168,7 +173,8 @@ def pack_spec(data_cfg, model_cfg: BagelConfig, rows: int) -> PackSpec:
                   vae_side=vae_side, vit_patch=model_cfg.vit.patch_size, vit_channels=model_cfg.vit.num_channels,
                   latent_downsample=model_cfg.latent_downsample, tokens=model_cfg.tokens,
                   max_patches_per_side=model_cfg.vit_max_num_patch_per_side,
-                  max_latent_size=model_cfg.max_latent_size, reweight_ce=bool(data_cfg.get("ce_reweighting", False)),
+                  max_latent_size=model_cfg.max_latent_size, interpolate_pos=model_cfg.interpolate_pos,
+                  reweight_ce=bool(data_cfg.get("ce_reweighting", False)),
                   max_sample_tokens=int(data_cfg.get("max_tokens_per_sample", 0) or 0))
 
 

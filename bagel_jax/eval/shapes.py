@@ -94,8 +94,7 @@ def judge(objects: list[dict], scene: shapes.Scene) -> dict[str, bool]:
 # ----------------------------------------------------------------------------- generation
 def _pack(model, plans: Sequence[list], capacity: L.Capacity):
   cfg = model.cfg
-  return L.pack([[p] for p in plans], capacity, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
-                max_latent_size=cfg.max_latent_size)
+  return L.pack([[p] for p in plans], capacity, cfg.tokens, **L.position_args(cfg))
 
 
 def generate(model, params, tokenizer, captions: Sequence[str], grid: tuple[int, int], *, cfg_scale: float,

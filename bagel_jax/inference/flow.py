@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bagel_jax.image import navit_position_ids
 from bagel_jax.inference import taylorseer as ts_cache
 from bagel_jax.inference.errors import InferenceError
 from bagel_jax.inference.kv_cache import KVCache, cache_key_intervals
@@ -133,12 +134,6 @@ def combine_cfg(v: jax.Array, v_text: jax.Array | None, v_img: jax.Array | None,
   return v_ * jnp.clip(n_v / (n_g + 1e-8), renorm_min, 1.0)
 
 
-def latent_position_ids(grid: tuple[int, int], max_latent_size: int) -> np.ndarray:
-  h, w = grid
-  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  return (rows * max_latent_size + cols).reshape(-1).astype(np.int32)
-
-
 def image_hidden(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array, ropes: jax.Array,
                  x_t: jax.Array, t: jax.Array, grid: tuple[int, int]) -> jax.Array:
   """The last decoder layer's output [rows, N, hidden] at the latent tokens of the image query
@@ -152,7 +147,7 @@ def image_hidden(model, bagel, k: jax.Array, v: jax.Array, lengths: jax.Array, r
   reps = rows // b
   t_len = n + 2
   s = k.shape[2]
-  pos = jnp.asarray(latent_position_ids(grid, cfg.max_latent_size))
+  pos = jnp.asarray(navit_position_ids(grid[0], grid[1], cfg.max_latent_size, cfg.interpolate_pos))
   lat = bagel.latent_embeddings(x_t, jnp.full((b, n), t, jnp.float32), jnp.broadcast_to(pos[None], (b, n)))
   marks = bagel.llm.embed(jnp.array([cfg.tokens.start_of_image, cfg.tokens.end_of_image], jnp.int32))
   x = jnp.concatenate([jnp.broadcast_to(marks[0], (b, 1, marks.shape[-1])), lat.astype(marks.dtype),
@@ -396,4 +391,4 @@ def jit_denoise(model, mesh: jax.sharding.Mesh, param_shardings, cache_sharding:
 
 __all__ = ["FlowSettings", "jit_denoise", "cache_shardings", "timestep_grid", "schedule", "combine_cfg", "image_velocity",
            "image_hidden", "hidden_velocity", "denoise",
-           "progress_bar", "latent_position_ids", "TRACE_COUNT"]
+           "progress_bar", "TRACE_COUNT"]

@@ -186,7 +186,7 @@ def check_image_size(cfg: BagelConfig, hw: Sequence[int], what: str = "image siz
   ld, mx = cfg.latent_downsample, cfg.max_image_side_gen
   if h <= 0 or w <= 0 or h % ld or w % ld:
     raise InferenceError(f"{what} {h}x{w} must be positive multiples of {ld} pixels per side")
-  if h > mx or w > mx:
+  if not cfg.interpolate_pos and (h > mx or w > mx):
     raise InferenceError(f"{what} {h}x{w} exceeds the latent position table: at most {mx}x{mx} pixels "
                          f"(max_latent_size {cfg.max_latent_size} tokens x {ld} px)")
   return h, w
@@ -321,7 +321,7 @@ class Inferencer:
     h, w = x.shape[:2]
     if h % p or w % p or h <= 0 or w <= 0:
       raise InferenceError(f"ViT input {h}x{w} must be positive multiples of the {p}-pixel patch")
-    if h // p > side or w // p > side:
+    if not cfg.interpolate_pos and (h // p > side or w // p > side):
       raise InferenceError(f"ViT input {h}x{w} exceeds the ViT position table: at most {side * p}x{side * p} "
                            f"pixels ({side} patches of {p} px)")
     return kc.VitSegment(patchify(x, p), (h // p, w // p))

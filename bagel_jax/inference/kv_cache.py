@@ -206,7 +206,7 @@ class Chunk:
   vit_block_end: jax.Array
   vit_idx: jax.Array  # [B, Nv] chunk positions (padded with T)
   vae_tokens: jax.Array  # [B, Nl, p*p*z]
-  vae_pos: jax.Array  # [B, Nl] row * max_latent_size + col
+  vae_pos: jax.Array  # [B, Nl] `image.navit_position_ids` over max_latent_size
   vae_idx: jax.Array  # [B, Nl]
 
   @property
@@ -256,20 +256,20 @@ def build_chunk(rows: Sequence[Sequence[Segment]], start_ropes: Sequence[int], c
       idx = list(range(start + 1, end - 1))
       if is_vit:
         side = cfg.vit_max_num_patch_per_side
-        if gh > side or gw > side:
+        if not cfg.interpolate_pos and (gh > side or gw > side):
           raise InferenceError(f"ViT image of {gh}x{gw} patches exceeds the position table "
                                f"({side}x{side} patches = {side * cfg.vit.patch_size} px per side)")
         patches = np.asarray(seg.patches, np.float32).reshape(gh * gw, pdim_vit)
-        r["vit_p"].append(patches); r["vit_pos"] += navit_position_ids(gh, gw, side).tolist()
+        r["vit_p"].append(patches); r["vit_pos"] += navit_position_ids(gh, gw, side, cfg.interpolate_pos).tolist()
         r["vit_bs"] += [nvit] * (gh * gw); r["vit_be"] += [nvit + gh * gw] * (gh * gw); r["vit_idx"] += idx
         nvit += gh * gw
       else:
         side = cfg.max_latent_size
-        if gh > side or gw > side:
+        if not cfg.interpolate_pos and (gh > side or gw > side):
           raise InferenceError(f"VAE image of {gh}x{gw} latent tokens exceeds the position table "
                                f"({side}x{side} tokens = {side * cfg.latent_downsample} px per side)")
         r["vae_t"].append(np.asarray(seg.tokens, np.float32).reshape(gh * gw, pdim_vae))
-        r["vae_pos"] += navit_position_ids(gh, gw, side).tolist(); r["vae_idx"] += idx
+        r["vae_pos"] += navit_position_ids(gh, gw, side, cfg.interpolate_pos).tolist(); r["vae_idx"] += idx
       pos = end
       rope += 1
     r["n"], r["rope_end"] = pos, rope

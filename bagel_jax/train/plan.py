@@ -131,8 +131,7 @@ def abstract_batch(model, mix: RowMix, rows: int):
   plans = row_plans(mix, cfg)
   nl = mix.gen_images * (mix.gen_side // cfg.latent_downsample) ** 2
   cap = L.Capacity(tokens=mix.tokens, gen=max(nl, 1), und=mix.tokens - nl)
-  packed = L.pack([plans], cap, cfg.tokens, max_patches_per_side=cfg.vit_max_num_patch_per_side,
-                  max_latent_size=cfg.max_latent_size)
+  packed = L.pack([plans], cap, cfg.tokens, **L.position_args(cfg))
   lay = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[1:], np.asarray(x).dtype), packed)
   nv = lay.vit_indexes.shape[1]
   ni = lay.vae_image_noisy.shape[1]
