@@ -200,8 +200,6 @@ def load_config(folder: str | pathlib.Path) -> BagelConfig:
                                 "vit_max_num_patch_per_side", "connector_act", "interpolate_pos",
                                 "timestep_shift", "frequency_embedding_size") if k in extra}
   cfg = BagelConfig(llm=llm, vit=vit, vae=vae, tokens=tokens, **top)
-  if cfg.interpolate_pos:
-    raise ConfigError(f"{extra_path}: interpolate_pos=true is not supported (the release uses extrapolate)")
   if "latent_downsample" in extra and extra["latent_downsample"] != cfg.latent_downsample:
     raise ConfigError(f"{extra_path}: latent_downsample {extra['latent_downsample']} != vae.downsample * latent_patch_size = {cfg.latent_downsample}")
   return cfg

@@ -3,7 +3,7 @@
     python -m convert.orbax_to_safetensors --src OUT_DIR --dst DIR
 
 Writes DIR/ema.safetensors and DIR/ae.safetensors with upstream's exact tensor names,
-shapes and dtypes (ema bf16, ae f32; `bagel_jax.weights.rules` is the map), plus the
+shapes and dtypes (ema bf16, ae f32; `bagel_jax.weights.release_rules` is the map), plus the
 configs and tokenizer files, so DIR is a release folder again.  Reads one (layer, expert)
 slice at a time from the Orbax arrays, so host memory stays at about two upstream tensors.
 """
@@ -39,7 +39,7 @@ def export(src, dst, *, overwrite: bool = False, progress: bool = True,
   release_freed_buffers()
   cfg = load_config(src)
   state = OrbaxState(src / STATE_DIR)
-  table = W.rules(cfg)
+  table = W.release_rules(cfg)  # with tie_word_embeddings, lm_head.weight written from embed_tokens
 
   # Check the whole table against the stored arrays before writing anything.
   plan: dict[str, list] = {f: [] for f in W.FILE_NAMES}

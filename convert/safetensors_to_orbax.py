@@ -106,7 +106,7 @@ def _plan(src: pathlib.Path, cfg, dtype, allow_extra: bool):
   abstract = BagelModel(cfg).abstract_params()
   files = W.UpstreamFiles(src)
   table = W.rules(cfg)
-  W.validate(files, table, abstract, allow_extra=allow_extra)
+  W.validate(files, table, abstract, allow_extra=allow_extra, optional=W.tied_rules(cfg))
   readers: dict[pathlib.Path, SafetensorsFile] = {}
 
   def ref(r: W.Rule) -> TensorRef:

@@ -152,9 +152,6 @@ def test_tokenizer_special_token_outside_the_embeddings(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,words", [
     ("--vit_select_layer", "-5", ("vit_select_layer -5", "3 layers")),
-    ("--llm_qk_norm", "False", ("llm_qk_norm",)),
-    ("--tie_word_embeddings", "True", ("tie_word_embeddings",)),
-    ("--interpolate_pos", "True", ("interpolate_pos",)),
 ])
 def test_unsupported_settings(tmp_path, capsys, flag, value, words):
   assert_refused(ARGS + [flag, value, "--dst", tmp_path / "o"], capsys, *words)

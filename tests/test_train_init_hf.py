@@ -80,7 +80,6 @@ def test_converted_folder_gives_the_trainer_the_same_params(tmp_path):
 
 @pytest.mark.parametrize("edit,words", [
     (lambda c: setattr(c.init, "checkpoint", "/x"), "init.hf and init.checkpoint"),
-    (lambda c: c.init.hf.update(interpolate_pos=True), "interpolate_pos"),
     (lambda c: c.init.hf.update(vit_max_num_patch_per_side=70), "vit_max_num_patch_per_side is 70"),
 ])
 def test_init_hf_refusals(tmp_path, edit, words):

@@ -79,8 +79,9 @@ class MoTLayers(nnx.Module):
     self.k_proj = MoTLinear(n, d, hk * hd, use_bias=True, rngs=rngs, param_dtype=param_dtype)
     self.v_proj = MoTLinear(n, d, hk * hd, use_bias=True, rngs=rngs, param_dtype=param_dtype)
     self.o_proj = MoTLinear(n, hq * hd, d, use_bias=False, rngs=rngs, param_dtype=param_dtype)
-    self.q_norm = ones(hd)
-    self.k_norm = ones(hd)
+    # qk_norm=False: upstream's q_norm / k_norm (and their _moe_gen twins) are nn.Identity.
+    self.q_norm = ones(hd) if cfg.qk_norm else None
+    self.k_norm = ones(hd) if cfg.qk_norm else None
     self.post_attention_layernorm = ones(d)
     self.gate_proj = MoTLinear(n, d, f, use_bias=False, rngs=rngs, param_dtype=param_dtype)
     self.up_proj = MoTLinear(n, d, f, use_bias=False, rngs=rngs, param_dtype=param_dtype)
@@ -126,7 +127,7 @@ def _per_expert(h: jax.Array, expert_idx: tuple[jax.Array, jax.Array], fn: Calla
 
 def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, cos, sin, spec: AttentionSpec,
                   past_kv: tuple[jax.Array, jax.Array] | None, opts: DecoderOptions, dtype):
-  """One MoT layer. x [B, T, D]; returns (x, (k, v)) with k, v [B, T, Hkv, hd] after QK-norm and RoPE."""
+  """One MoT layer. x [B, T, D]; returns (x, (k, v)) with k, v [B, T, Hkv, hd] after QK-norm (if any) and RoPE."""
   b, t, d = x.shape
   hq, hk, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   eps = cfg.rms_norm_eps
@@ -143,8 +144,9 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
     q_e = _expert_linear(h_e, p["q_proj"], e, dtype).reshape(b, c, hq, hd)
     k_e = _expert_linear(h_e, p["k_proj"], e, dtype).reshape(b, c, hk, hd)
     v_e = _expert_linear(h_e, p["v_proj"], e, dtype).reshape(b, c, hk, hd)
-    q_e = rms_normalize(q_e, eps) * p["q_norm"][e].astype(dtype)
-    k_e = rms_normalize(k_e, eps) * p["k_norm"][e].astype(dtype)
+    if cfg.qk_norm:
+      q_e = rms_normalize(q_e, eps) * p["q_norm"][e].astype(dtype)
+      k_e = rms_normalize(k_e, eps) * p["k_norm"][e].astype(dtype)
     return q_e, k_e, v_e
 
   for _, idx, (q_e, k_e, v_e) in _per_expert(h, expert_idx, qkv):
@@ -181,7 +183,11 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
 
 
 class Qwen2MoT(nnx.Module):
-  """Embedding, stacked MoT layers, per-expert final norm and the (shared) LM head."""
+  """Embedding, stacked MoT layers, per-expert final norm and the (shared) LM head.
+
+  tie_word_embeddings: no lm_head parameter; the logits use embed_tokens (upstream's tied
+  Qwen2ForCausalLM: lm_head.weight is embed_tokens.weight).
+  """
 
   def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
     self.cfg = cfg
@@ -190,12 +196,16 @@ class Qwen2MoT(nnx.Module):
     self.layers = MoTLayers(cfg, rngs=rngs, param_dtype=param_dtype)
     self.norm = nnx.Param(jnp.ones((NUM_EXPERTS, cfg.hidden_size), param_dtype))
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
-    self.lm_head = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype))
+    self.lm_head = (None if cfg.tie_word_embeddings
+                    else nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), param_dtype)))
 
   def embed(self, ids: jax.Array) -> jax.Array:
     return self.embed_tokens[...].astype(self.dtype)[ids]
 
   def logits(self, hidden: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...].astype(self.dtype),
+                        preferred_element_type=jnp.float32)
     return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 

@@ -32,8 +32,6 @@ def hf_args(config):
   if config.init.checkpoint or config.model.checkpoint:
     raise TrainConfigError("init.hf and init.checkpoint / model.checkpoint are both set: the model comes from one "
                            "of them")
-  if args.interpolate_pos:
-    raise TrainConfigError("init.hf.interpolate_pos=True: the data pipeline extrapolates position ids only")
   if int(config.model.get("max_latent_size", 0) or 0) not in (0, args.max_latent_size):
     raise TrainConfigError(f"model.max_latent_size={config.model.max_latent_size} differs from "
                            f"init.hf.max_latent_size={args.max_latent_size} (set the latter)")

@@ -19,8 +19,8 @@ The converters (`convert/`), the trainer and the inferencer all go through these
 
 from bagel_jax.weights.errors import CheckpointError
 from bagel_jax.weights.table import (CONV, IDENTITY, LINEAR, FILE_DTYPES, FILE_NAMES, Rule, UpstreamFiles,
-                                     expected_upstream_shape, load_upstream, rules, to_ours, to_upstream,
-                                     upstream_shape, validate)
+                                     expected_upstream_shape, load_upstream, release_rules, rules, tied_rules,
+                                     to_ours, to_upstream, upstream_shape, validate)
 
 
 def __getattr__(name):  # lazy: load_checkpoint needs the model, which needs this package's table
@@ -31,5 +31,5 @@ def __getattr__(name):  # lazy: load_checkpoint needs the model, which needs thi
 
 
 __all__ = ["CheckpointError", "CONV", "IDENTITY", "LINEAR", "FILE_DTYPES", "FILE_NAMES", "Rule", "UpstreamFiles",
-           "expected_upstream_shape", "load_upstream", "rules", "to_ours", "to_upstream", "upstream_shape", "validate",
+           "expected_upstream_shape", "load_upstream", "release_rules", "rules", "tied_rules", "to_ours", "to_upstream", "upstream_shape", "validate",
            "load_checkpoint"]

@@ -159,9 +159,6 @@ def write(init: HFInit, dst, *, fmt: str = "safetensors", dtype: str = "float32"
     raise CheckpointError(f"--format {fmt}: expected one of {FORMATS}")
   if dtype not in DTYPES:
     raise CheckpointError(f"--dtype {dtype}: expected one of {DTYPES}")
-  if init.cfg.interpolate_pos:
-    raise CheckpointError("interpolate_pos=True: the project's data pipeline and loaders extrapolate position ids "
-                          "only (the weights do not depend on it; build with interpolate_pos=False)")
   t0 = time.perf_counter()
   dst = pathlib.Path(dst).absolute()
   check_destination(dst, overwrite)

@@ -8,8 +8,10 @@ holds when `main()` has built the model), each produced on demand by one rule:
 
 - LLM (`Qwen2ForCausalLM.from_pretrained`, no torch_dtype: float32): every checkpoint tensor,
   up-cast exactly, under `language_model.`; q_norm / k_norm (created by qk_norm, absent from
-  Qwen2) are ones; `init_moe()` (copy_init_moe) copies every und-expert tensor into its
-  `*_moe_gen` twin, `model.norm` into `model.norm_moe_gen` included;
+  Qwen2) are ones, absent with llm_qk_norm=False (nn.Identity); `init_moe()` (copy_init_moe)
+  copies every und-expert tensor into its `*_moe_gen` twin, `model.norm` into
+  `model.norm_moe_gen` included; with tie_word_embeddings, lm_head.weight is embed_tokens
+  (listed under both names, as upstream's state dict lists it);
 - SigLIP (`num_hidden_layers + 1 + vit_select_layer` layers, rope off): layers past those and
   the pooling head are dropped, `post_layernorm` kept; the patch Conv2d [O, C, p, p] becomes
   upstream's Linear, `permute(0, 2, 3, 1).reshape(O, p*p*C)`; the position table is taken as
@@ -43,11 +45,12 @@ from bagel_jax.config import BagelConfig, LLMConfig, VAEConfig, ViTConfig
 from bagel_jax.weights.errors import CheckpointError
 from bagel_jax.weights.hf_checkpoint import HFCheckpoint
 from bagel_jax.weights.safetensors_io import SafetensorsFile
-from bagel_jax.weights.table import Rule, expected_upstream_shape, rules
+from bagel_jax.weights.table import Rule, expected_upstream_shape, release_rules
 
 LLM, VIT = "language_model.", "vit_model."
 FREQUENCY_EMBEDDING_SIZE = 256  # upstream's TimestepEmbedder default
 FLUX_SCALE_SHIFT = (0.3611, 0.1159)  # load_ae's AutoEncoderParams
+TIED = "tied to embed_tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +176,6 @@ def check_args(args: HFInitArgs) -> None:
   for name in ("llm", "vit", "vae"):
     if not getattr(args, name):
       raise CheckpointError(f"init.hf.{name} is not set (the {name} path)")
-  if not args.llm_qk_norm:
-    raise CheckpointError("llm_qk_norm=False is not supported (the MoT decoder always has q/k RMSNorm)")
-  if args.tie_word_embeddings:
-    raise CheckpointError("tie_word_embeddings=True is not supported (the LLM keeps a separate lm_head)")
   if args.connector_act not in ACTIVATIONS:
     raise CheckpointError(f"connector_act {args.connector_act!r}: expected one of {sorted(ACTIVATIONS)}")
   for name in ("max_latent_size", "latent_patch_size", "vit_max_num_patch_per_side"):
@@ -271,7 +270,7 @@ class HFInit:
   def _plan(self) -> None:
     from bagel_jax.api import BagelModel
     abstract = BagelModel(self.cfg).abstract_params()
-    table = rules(self.cfg)
+    table = release_rules(self.cfg)  # tie_word_embeddings: lm_head.weight listed as embed_tokens
     self._shapes = {r.upstream: expected_upstream_shape(r, abstract) for r in table}
     for r in table:
       self.sources[(r.file, r.upstream)] = self._source(r, self._shapes[r.upstream])
@@ -303,6 +302,11 @@ class HFInit:
 
   def _llm_source(self, key: str, shape: tuple[int, ...]) -> Source:
     args = self.args
+    if key == "lm_head.weight" and self.cfg.llm.tie_word_embeddings:
+      # Tied: from_pretrained ties lm_head to embed_tokens (a checkpoint's own lm_head.weight is
+      # not used) and resize_token_embeddings keeps the tie; the state dict lists both keys.
+      src = self._vocab_source("model.embed_tokens.weight", shape)
+      return dataclasses.replace(src, origin=f"{TIED} ({src.origin})")
     if key in ("model.embed_tokens.weight", "lm_head.weight"):
       return self._vocab_source(key, shape)
     if "q_norm" in key or "k_norm" in key:
@@ -359,7 +363,7 @@ class HFInit:
   # ---- reporting
   def dropped_keys(self) -> dict[str, list[str]]:
     """Checkpoint tensors upstream's from_pretrained does not use (extra SigLIP layers, pooling head)."""
-    used = {k for _, k in self.sources}
+    used = {k for (_, k), s in self.sources.items() if not s.origin.startswith(TIED)}
     return {"llm": sorted(k for k in self.llm.keys() if LLM + k not in used),
             "vit": sorted(k for k in self.vit.keys() if VIT + k not in used)}
 

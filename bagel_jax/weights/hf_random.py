@@ -24,7 +24,7 @@ import numpy as np
 from bagel_jax.config import BagelConfig
 from bagel_jax.weights.hf_init import LLM, VIT
 from bagel_jax.weights.safetensors_io import NP_TO_ST, SafetensorsWriter
-from bagel_jax.weights.table import expected_upstream_shape, rules
+from bagel_jax.weights.table import expected_upstream_shape, release_rules
 
 
 def _save(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
@@ -45,7 +45,7 @@ def _draw(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -> np.ndar
 def _upstream_shapes(cfg: BagelConfig) -> dict[tuple[str, str], tuple[int, ...]]:
   from bagel_jax.api import BagelModel
   abstract = BagelModel(cfg).abstract_params()
-  return {(r.file, r.upstream): expected_upstream_shape(r, abstract) for r in rules(cfg)}
+  return {(r.file, r.upstream): expected_upstream_shape(r, abstract) for r in release_rules(cfg)}
 
 
 def _qwen2_tensors(cfg, shapes, rng, lm_head: bool) -> dict[str, np.ndarray]:

@@ -144,14 +144,24 @@ _LLM_LAYER_PARAMS = (
 _EXPERT_SUFFIX = ("", "_moe_gen")
 
 
+_EMBED = ("language_model.model.embed_tokens.weight", ("bagel", "llm", "embed_tokens"))
+_LM_HEAD = "language_model.lm_head.weight"
+
+
 def _llm_rules(cfg: BagelConfig) -> Iterator[Rule]:
+  """The LLM's tensors.  qk_norm=False: no q_norm / k_norm (upstream's nn.Identity has no weight);
+  tie_word_embeddings: no lm_head of ours (see `tied_rules` for the key upstream still writes)."""
   llm = ("bagel", "llm")
-  yield Rule("language_model.model.embed_tokens.weight", llm + ("embed_tokens",))
-  yield Rule("language_model.lm_head.weight", llm + ("lm_head",), LINEAR)
+  yield Rule(*_EMBED)
+  if not cfg.llm.tie_word_embeddings:
+    yield Rule(_LM_HEAD, llm + ("lm_head",), LINEAR)
   for e, g in enumerate(_EXPERT_SUFFIX):
     yield Rule(f"language_model.model.norm{g}.weight", llm + ("norm",), IDENTITY, (e,))
+  skip = () if cfg.llm.qk_norm else (("q_norm",), ("k_norm",))
   for n in range(cfg.llm.num_hidden_layers):
     for name, path, kind in _LLM_LAYER_PARAMS:
+      if path in skip:
+        continue
       for e, g in enumerate(_EXPERT_SUFFIX):
         yield Rule(f"language_model.model.layers.{n}.{name.format(g=g)}", llm + ("layers",) + path, kind, (n, e))
 
@@ -212,8 +222,20 @@ def _vit_rules(cfg: BagelConfig) -> Iterator[Rule]:
 
 
 def rules(cfg: BagelConfig) -> list[Rule]:
-  """Every upstream tensor of the release layout, for this config."""
+  """Every upstream tensor that provides a parameter, for this config (what loaders read)."""
   return [*_llm_rules(cfg), *_vit_rules(cfg), *_latent_rules(cfg), *_vae_rules(cfg)]
+
+
+def tied_rules(cfg: BagelConfig) -> list[Rule]:
+  """Upstream tensors that repeat a parameter: with tie_word_embeddings, `language_model.lm_head.weight`
+  is embed_tokens itself, and upstream's state dict (so its ema.safetensors) still lists it.
+  Writers write them; loaders take them as optional (shape-checked, not read)."""
+  return [Rule(_LM_HEAD, _EMBED[1])] if cfg.llm.tie_word_embeddings else []
+
+
+def release_rules(cfg: BagelConfig) -> list[Rule]:
+  """Every tensor of the release layout upstream writes for this config: `rules` + `tied_rules`."""
+  return rules(cfg) + tied_rules(cfg)
 
 
 # ----------------------------------------------------------------------------- loading an upstream folder
@@ -310,11 +332,20 @@ class UpstreamFiles:
 
 
 def validate(files: UpstreamFiles, table: list[Rule], abstract: dict, *, allow_extra: bool = False,
-             check_dtype: bool = True) -> None:
-  """Checks keys, shapes and dtypes against the table before any tensor is read."""
+             check_dtype: bool = True, optional: list[Rule] = ()) -> None:
+  """Checks keys, shapes and dtypes against the table before any tensor is read.
+
+  `optional` (`tied_rules`): keys that may be present or not; shape-checked when present.
+  """
+  for r in optional:
+    if (r.file, r.upstream) in files.key_file:
+      shape, exp = files.shape_dtype(r.file, r.upstream)[0], expected_upstream_shape(r, abstract)
+      if tuple(shape) != exp:
+        raise CheckpointError(f"{files.key_file[(r.file, r.upstream)]}: key {r.upstream} has shape {list(shape)}, "
+                              f"expected {list(exp)} (tied to {_EMBED[0]})")
   for file_id in FILE_NAMES:
     want = {r.upstream for r in table if r.file == file_id}
-    have = files.keys(file_id)
+    have = files.keys(file_id) - {r.upstream for r in optional if r.file == file_id}
     missing = sorted(want - have)
     if missing:
       raise CheckpointError(f"{files.folder / FILE_NAMES[file_id]}: missing key {missing[0]}"
@@ -355,7 +386,7 @@ def load_upstream(folder, cfg: BagelConfig, abstract: dict, *, dtype=None, allow
   """
   files = UpstreamFiles(folder)
   table = rules(cfg)
-  validate(files, table, abstract, allow_extra=allow_extra)
+  validate(files, table, abstract, allow_extra=allow_extra, optional=tied_rules(cfg))
   out: dict = {}
   for r in table:
     leaf = _get(abstract, r.path)
