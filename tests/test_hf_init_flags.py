@@ -175,3 +175,13 @@ def test_no_qk_norm_layer_uses_the_raw_projections(flagged):
   k, want, normed = keys(jax.tree.map(lambda a: a[0], params["bagel"]["llm"]["layers"]))
   np.testing.assert_allclose(k, want, rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(normed - want)).max() > 1e-2  # what qk_norm (ones) would have given instead
+
+
+def test_trainer_init_hf_takes_the_three_flags(tmp_path):
+  from bagel_jax.data.pipeline import pack_spec
+  from bagel_jax.train.config import model_config
+  from tests.test_train_init_hf import _tiny_hf
+  config = _tiny_hf(tmp_path, interpolate_pos=True, llm_qk_norm=False, tie_word_embeddings=True)
+  cfg = model_config(config)
+  assert (cfg.interpolate_pos, cfg.llm.qk_norm, cfg.llm.tie_word_embeddings) == (True, False, True)
+  assert pack_spec(config.data, cfg, rows=1).interpolate_pos  # the packer of the training batches interpolates
