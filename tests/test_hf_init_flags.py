@@ -13,7 +13,7 @@ import pytest
 from bagel_jax import layout as L
 from bagel_jax.api import BagelModel
 from bagel_jax.config import bagel_tiny, load_config
-from bagel_jax.image import navit_position_ids
+from bagel_jax.image import navit_position_ids, patchify
 from bagel_jax.model.bagel import Batch
 from bagel_jax.weights.safetensors_io import read_safetensors
 from convert import hf_to_bagel
@@ -83,12 +83,30 @@ def test_interpolate_pos_changes_only_the_position_ids_of_a_layout():
       np.testing.assert_array_equal(x, y, err_msg=f.name)
   np.testing.assert_array_equal(b.vit_position_ids[0], navit_position_ids(3, 5, 8, True))
   np.testing.assert_array_equal(b.latent_position_ids[0], np.tile(navit_position_ids(2, 3, 8, True), 2))
+  # Training takes each latent token from its image's own (row, col), not from the position id.
+  p = cfg.latent_patch_size
+  lat = np.random.default_rng(0).standard_normal((1, 2, 2 * p, 3 * p, cfg.vae.z_channels)).astype(np.float32)
+  want = np.concatenate([patchify(lat[0, i], p) for i in range(2)])
+  for lay in (a, b):
+    np.testing.assert_array_equal(np.asarray(BagelModel(cfg).latent_tokens(jnp.asarray(lat), lay))[0, :12], want)
   big = [[[L.VitImage((9, 12))]]]  # beyond the 8x8 table: upstream interpolates it, extrapolation cannot
   assert L.pack(big, L.Capacity(tokens=120), cfg.tokens, **L.position_args(cfg.replace(interpolate_pos=True))
                 ).vit_position_ids.max() < 64
   with pytest.raises(L.LayoutError, match="vit_max_num_patch_per_side=8"):
     L.pack(big, L.Capacity(tokens=120), cfg.tokens, **L.position_args(cfg))
 
+
+
+def test_inference_context_uses_interpolated_ids():
+  """generate / chat lay their context images out with `kv_cache.build_chunk`: the config's ids."""
+  from bagel_jax.inference import kv_cache as kc
+  cfg = bagel_tiny().replace(interpolate_pos=True)
+  vit = kc.VitSegment(np.zeros((3 * 5, cfg.vit.patch_dim), np.float32), (3, 5))
+  vae = kc.VaeSegment(np.zeros((2 * 7, cfg.patch_latent_dim), np.float32), (2, 7))
+  chunk = kc.build_chunk([[kc.TextSegment((4, 5)), vit, vae]], [0], cfg, exact=True)
+  np.testing.assert_array_equal(chunk.vit_pos[0], navit_position_ids(3, 5, cfg.vit_max_num_patch_per_side, True))
+  np.testing.assert_array_equal(chunk.vae_pos[0], navit_position_ids(2, 7, cfg.max_latent_size, True))
+  assert not np.array_equal(chunk.vae_pos[0], navit_position_ids(2, 7, cfg.max_latent_size))
 
 # ----------------------------------------------------------------------------- the converter with all three flags
 @pytest.fixture(scope="module")
@@ -145,6 +163,7 @@ def test_flagged_model_forward_runs_with_embed_tokens_as_lm_head(flagged):
   _, cfg, params = flagged
   batch = _batch(cfg, np.random.default_rng(0))
   np.testing.assert_array_equal(batch.layout.vit_position_ids[0], navit_position_ids(3, 4, 5, True))
+  np.testing.assert_array_equal(batch.layout.latent_position_ids[0], navit_position_ids(2, 3, 32, True))
   out = jax.jit(BagelModel(cfg, attention_impl="reference").forward)(params, batch)
   assert np.isfinite(np.asarray(out.hidden)).all()
   h = jnp.take_along_axis(out.hidden, batch.layout.ce_indexes[..., None], axis=1)
