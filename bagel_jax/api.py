@@ -36,11 +36,12 @@ class BagelModel:
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
   remat: str = "none"
+  unroll_layers: bool = False  # straight-line layers instead of a scan (small models on CPU: no stacked buffers)
 
   # ---- construction
   def _modules(self, rngs: nnx.Rngs) -> tuple[Bagel, AutoEncoder]:
     bagel = Bagel(self.cfg, rngs=rngs, param_dtype=self.param_dtype, dtype=self.dtype,
-                  attention_impl=self.attention_impl, remat=self.remat)
+                  attention_impl=self.attention_impl, remat=self.remat, unroll_layers=self.unroll_layers)
     vae = AutoEncoder(self.cfg.vae, rngs=rngs, param_dtype=self.param_dtype, dtype=self.dtype)
     return bagel, vae
 

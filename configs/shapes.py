@@ -25,6 +25,7 @@ def get_config():
   c = base_config()
   c.model.preset = "shapes"
   c.model.attention = "reference"
+  c.model.unroll_layers = True  # 4 layers: no stacked per-layer buffers in the backward (a faster CPU step)
   c.tokenizer = "shapes"
   c.data.groups = shapes_groups("bagel_shapes", t2i_weight=2.0, qa_turns="all")
   c.data.rows = 4

@@ -9,6 +9,7 @@ packer, so every trainable part (both MoT experts, ViT, connector, heads) gets a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -103,3 +104,22 @@ def test_step_gradients_match_finite_differences():
   # The fixed sin-cos tables are frozen: zero update.
   for path in ("latent_pos_embed", "vit_pos_embed"):
     assert not np.any(get(applied, path))
+
+
+def test_unrolled_layers_give_the_scanned_gradients():
+  """model.unroll_layers changes how the layers are compiled, not what the loss and gradients are."""
+  cfg = bagel_tiny()
+  batch, hp = _batch(cfg, np.random.default_rng(1)), ts.StepConfig()
+  model = BagelModel(cfg, attention_impl="reference")
+  params = model.init(jax.random.key(0))
+  mb = ts.flow_batch(model, hp, params["vae"], batch, jax.random.key(3))
+  out = []
+  for unroll in (False, True):
+    m = dataclasses.replace(model, unroll_layers=unroll)
+    out.append(jax.jit(jax.value_and_grad(lambda p: m.loss({"bagel": p, "vae": params["vae"]}, mb)[0]))(
+        params["bagel"]))
+  (l0, g0), (l1, g1) = out
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g0))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * scale)

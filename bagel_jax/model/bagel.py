@@ -51,16 +51,16 @@ def interval_spec(layout: Layout) -> AttentionSpec:
 
 class Bagel(nnx.Module):
   def __init__(self, cfg: BagelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               attention_impl: str = "auto", remat: str = "none"):
+               attention_impl: str = "auto", remat: str = "none", unroll_layers: bool = False):
     self.cfg = cfg
     self.dtype = dtype
-    self.options = DecoderOptions(attention_impl=attention_impl, remat=remat)
+    self.options = DecoderOptions(attention_impl=attention_impl, remat=remat, unroll_layers=unroll_layers)
     d = cfg.llm.hidden_size
     self.llm = Qwen2MoT(cfg.llm, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     if cfg.visual_und:
       side = cfg.vit_max_num_patch_per_side
       self.vit = SiglipVisionModel(cfg.vit, side, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                   attention_impl=attention_impl, remat=remat)
+                                   attention_impl=attention_impl, remat=remat, unroll_layers=unroll_layers)
       self.connector = MLPConnector(cfg.vit.hidden_size, d, cfg.connector_act, rngs=rngs,
                                     param_dtype=param_dtype, dtype=dtype)
       self.vit_pos_embed = FrozenTable(jnp.asarray(sincos_2d_table(side, d), param_dtype))

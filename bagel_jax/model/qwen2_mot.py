@@ -108,6 +108,10 @@ class DecoderOptions:
   attention_impl: str = "auto"
   remat: str = "none"
   return_kv: bool = False
+  # Unrolled, the backward keeps each layer's residuals in its own buffer; a scan stacks them in
+  # [L, ...] buffers that XLA:CPU zero-fills and copies every step (25% of the shapes demo's step).
+  # Compile time grows with the layer count, so large models keep the scan.
+  unroll_layers: bool = False
 
 
 def _expert_linear(h_e: jax.Array, lin: dict[str, jax.Array], e: int, dtype) -> jax.Array:
@@ -233,5 +237,5 @@ class Qwen2MoT(nnx.Module):
     policy = REMAT_POLICIES[opts.remat]
     if opts.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, kv = jax.lax.scan(body, x.astype(dtype), (params, past_kv))
+    x, kv = jax.lax.scan(body, x.astype(dtype), (params, past_kv), unroll=opts.unroll_layers)
     return x, kv

@@ -71,9 +71,10 @@ class SiglipVisionModel(nnx.Module):
   """vit_model.vision_model: patch linear + learned positions, stacked encoder layers, post-LN."""
 
   def __init__(self, cfg: ViTConfig, max_patches_per_side: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none"):
+               dtype=jnp.float32, attention_impl: str = "auto", remat: str = "none", unroll_layers: bool = False):
     self.cfg = cfg
     self.remat = remat
+    self.unroll_layers = unroll_layers
     self.max_patches_per_side = max_patches_per_side
     self.dtype = dtype
     self.attention_impl = attention_impl
@@ -109,7 +110,7 @@ class SiglipVisionModel(nnx.Module):
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, state)
+    x, _ = jax.lax.scan(body, x, state, unroll=self.unroll_layers)
     return x
 
   def __call__(self, patches: jax.Array, position_ids: jax.Array, block_start: jax.Array,

@@ -48,6 +48,9 @@ def _log_to_stderr() -> None:
 
 
 def main(argv=None) -> None:
+  if argv is None:  # the command line, not a caller passing its own arguments
+    from bagel_jax import host_heap
+    host_heap.reexec_with_steady_heap()
   from absl import app, flags
   from ml_collections import config_flags
 

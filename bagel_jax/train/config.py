@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",  # compute ("bfloat16" on accelerators)
       attention="auto",
       remat="none",
+      unroll_layers=False,  # layers as straight-line code, not a scan: faster CPU steps for a few layers, slower compiles
   )
   c.init = dict(checkpoint="")  # "" random init; or a release folder (ema.safetensors), a converted Orbax folder or a repo id
   # init.hf: start from Hugging Face checkpoints as upstream pre-training does (llm/vit/vae paths and

@@ -139,7 +139,7 @@ def random_params(setup: Setup, model, vae_params, shardings, vae_shardings):
 
   def init_bagel(key):
     b = Bagel(model.cfg, rngs=nnx.Rngs(params=key), param_dtype=model.param_dtype, dtype=model.dtype,
-              attention_impl=model.attention_impl, remat=model.remat)
+              attention_impl=model.attention_impl, remat=model.remat, unroll_layers=model.unroll_layers)
     return nnx.to_pure_dict(nnx.state(b))
 
   def init_vae(key):
@@ -198,7 +198,8 @@ def build_model(setup: Setup):
     cfg = cfg.replace(vae=dataclasses.replace(cfg.vae, scale_factor=stats["scale_factor"],
                                               shift_factor=stats["shift_factor"]))
   model = BagelModel(cfg, param_dtype=dtype_of(config.model.param_dtype), dtype=dtype_of(config.model.dtype),
-                     attention_impl=config.model.attention, remat=config.model.remat)
+                     attention_impl=config.model.attention, remat=config.model.remat,
+                     unroll_layers=bool(config.model.unroll_layers))
   return model, vae_params
 
 
