@@ -24,6 +24,8 @@ import os
 import pathlib
 import re
 
+from bagel_jax.attention.target import TPU_GENERATIONS
+
 GB = 1e9
 GIB = 1024**3
 
@@ -160,8 +162,7 @@ def _gpu(name: str, gen: str, topo: str):
   return devices, spec
 
 
-TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-             "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "tpu7x"}
+TPU_KINDS = TPU_GENERATIONS
 
 
 def peak_for_kind(kind: str) -> float | None:
