@@ -14,7 +14,7 @@ the least change of each knob that fits is searched and printed, the cheapest fi
 max(FLOPs / peak, bytes / HBM bandwidth) per device.  FLOPs: the model FLOPs of the packed row
 (`train.plan.model_flops`: 6 x active matmul parameters x tokens + visible attention pairs + ViT,
 upstream's MFU basis) times the recomputation of the remat policy (`memplan.REMAT_COST`); on TPU
-also the compiler's cost analysis (decoder layers scaled from 0- and 2-layer compiles, kernel
+also the compiler's cost analysis (decoder layers scaled from the 2- and 4-layer compiles, kernel
 FLOPs not included: Mosaic calls carry none), and the larger is used.  Bytes: the TPU compiler's
 "bytes accessed"; the GPU compiler gives no cost analysis, so there the bytes are the step's
 memory footprint (arguments + outputs + temporaries, each byte counted once: a lower bound).
@@ -59,12 +59,12 @@ def _mesh(job: runner.Job, devices):
 
 
 def compile_total(job: runner.Job, name: str, program: str = "train"):
-  """(report at full depth, extrapolated from 2 and 4 layers; the 2-layer report; spec)."""
+  """(report at full depth, extrapolated from 2 and 4 layers; the 2- and 4-layer reports; spec)."""
   devices, spec = targets.resolve(name)
   mesh, rules = _mesh(job, devices)
   full = job.cfg.llm.num_hidden_layers
   a, b = (runner._report(job, program, k, mesh, rules, spec) for k in (2, 4))
-  return runner._linear(a, b, 2, 4, full), a, spec
+  return runner._linear(a, b, 2, 4, full), (a, b), spec
 
 
 def sharded_bytes(report: analysis.CompileReport) -> float:
@@ -94,14 +94,15 @@ class PlanRow:
   verified: int | None = None  # compiled bytes of the best change (--verify)
 
 
-def plan_target(name: str, out=print, verify: bool = False) -> tuple[PlanRow, runner.Job, analysis.CompileReport, analysis.CompileReport]:
+def plan_target(name: str, out=print, verify: bool = False):
+  """(PlanRow, the job, the full-depth report, the 2- and 4-layer reports) of one target."""
   job = _job(RECIPE)
-  rep, rep2, spec = compile_total(job, name)
+  rep, pair, spec = compile_total(job, name)
   out(f"[{name}] recipe ({RECIPE.describe()}): {rep.total / GIB:.2f} GiB per device of {spec.memory_bytes / GIB:.1f} "
       f"(compiled {rep.seconds:.0f} s, 2 and 4 layers extrapolated to 28; kernel calls {rep.kernels})")
   if rep.fits:
     change = memplan.Change("none", RECIPE, rep.total, 1.0)
-    return PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, (change,), change), job, rep, rep2
+    return PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, (change,), change), job, rep, pair
   half = dataclasses.replace(RECIPE, tokens=RECIPE.tokens // 2)
   rep_half, _, _ = compile_total(_job(half), name)
   out(f"[{name}] at {half.tokens:,} tokens/device: {rep_half.total / GIB:.2f} GiB (compiled {rep_half.seconds:.0f} s)")
@@ -115,7 +116,7 @@ def plan_target(name: str, out=print, verify: bool = False) -> tuple[PlanRow, ru
     verified = vrep.total
     out(f"[{name}] verified {best.recipe.describe()} on {vname}: {vrep.total / GIB:.2f} GiB "
         f"({'fits' if vrep.fits else 'DOES NOT FIT'})")
-  return PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, tuple(changes), best, verified), job, rep, rep2
+  return PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, tuple(changes), best, verified), job, rep, pair
 
 
 def plan_line(row: PlanRow) -> str:
@@ -142,10 +143,11 @@ def main(argv=None) -> int:
   rows, roofs = [], []
   try:
     for name in a.target or DEFAULT_TARGETS:
-      row, job, rep, rep2 = plan_target(name, print, a.verify)
+      row, job, rep, pair = plan_target(name, print, a.verify)
       rows.append(row)
+      print(plan_line(row), flush=True)
       if a.roofline:
-        roofs.append(roofline.train_estimate(job, name, rep, rep2, print))
+        roofs.append(roofline.train_estimate(job, name, rep, pair, print))
       if a.denoise:
         roofs.append(roofline.denoise_estimate(DENOISE_TARGETS[name.split(":")[0]], print))
   except (targets.TargetError, runner.JobError) as e:

@@ -10,6 +10,7 @@ plugin's target description).  Nothing here has been measured on a device.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from bagel_jax.aot import analysis, memplan, runner, targets
 
@@ -51,24 +52,29 @@ def line(e: Estimate) -> str:
           f"{e.compute_s * 1e3:.0f} | {e.memory_s * 1e3:.0f} | {e.seconds * 1e3:.0f} | {e.mfu:.0%} |")
 
 
-def _scaled_cost(r0: analysis.CompileReport, r2: analysis.CompileReport, layers: int) -> tuple[float, float] | None:
-  """Full-depth (FLOPs, bytes) from 0- and 2-layer compiles (a scan body is counted once)."""
-  if r0.flops is None or r2.flops is None:
+def _scaled_cost(r2: analysis.CompileReport, r4: analysis.CompileReport, layers: int,
+                 zero: Callable[[], analysis.CompileReport]) -> tuple[float, float] | None:
+  """Full-depth (FLOPs, bytes) from the 2- and 4-layer compiles' cost analyses.  Where the compiler counts
+  a scan body once (the two agree), the layer cost is the 2-layer minus a 0-layer compile (`zero()`)."""
+  if r2.flops is None or r4.flops is None:
     return None
-  return (r0.flops + layers * (r2.flops - r0.flops),
-          (r0.bytes_accessed or 0.0) + layers * ((r2.bytes_accessed or 0.0) - (r0.bytes_accessed or 0.0)))
+  b2, b4 = r2.bytes_accessed or 0.0, r4.bytes_accessed or 0.0
+  if r4.flops > 1.01 * r2.flops:  # counted per layer
+    return r2.flops + (layers - 2) * (r4.flops - r2.flops) / 2, b2 + (layers - 2) * (b4 - b2) / 2
+  r0 = zero()
+  b0 = r0.bytes_accessed or 0.0
+  return r0.flops + layers * (r2.flops - r0.flops), b0 + layers * (b2 - b0)
 
 
-def _estimate(job: runner.Job, name: str, program: str, full: analysis.CompileReport, two: analysis.CompileReport,
-              model_flops: float, recompute: float) -> Estimate:
+def _estimate(job: runner.Job, name: str, program: str, full: analysis.CompileReport,
+              pair: tuple[analysis.CompileReport, analysis.CompileReport], model_flops: float,
+              recompute: float) -> Estimate:
   from bagel_jax import sharding as shd
 
   devices, spec = targets.resolve(name)
-  cost = None
-  if two.flops is not None:  # TPU: the compiler's cost analysis, layers scaled from a 0-layer compile
-    mesh = shd.make_mesh("fsdp=-1", devices=devices)
-    cost = _scaled_cost(runner._report(job, program, 0, mesh, runner._rules(job), spec), two,
-                        job.cfg.llm.num_hidden_layers)
+  mesh = shd.make_mesh("fsdp=-1", devices=devices)
+  zero = lambda: runner._report(job, program, 0, mesh, runner._rules(job), spec)
+  cost = _scaled_cost(*pair, job.cfg.llm.num_hidden_layers, zero)  # TPU; None where there is no cost analysis
   executed = model_flops * recompute
   if cost is not None:
     return Estimate(name, program, model_flops, max(executed, cost[0]), cost[0], cost[1], "cost analysis", spec)
@@ -97,10 +103,10 @@ def denoise_model_flops(cfg, shapes) -> float:
   return float(shapes.contexts * shapes.images * llm.num_hidden_layers * (t * per_tok_layer + attn))
 
 
-def train_estimate(job: runner.Job, name: str, full: analysis.CompileReport, two: analysis.CompileReport,
-                   out=print) -> Estimate:
+def train_estimate(job: runner.Job, name: str, full: analysis.CompileReport,
+                   pair: tuple[analysis.CompileReport, analysis.CompileReport], out=print) -> Estimate:
   _, spec = targets.resolve(name)
-  e = _estimate(job, name, "train", full, two, train_model_flops(job, spec.num_devices),
+  e = _estimate(job, name, "train", full, pair, train_model_flops(job, spec.num_devices),
                 memplan.REMAT_COST.get(job.remat, 1.0))
   out(line(e))
   return e
@@ -110,9 +116,9 @@ def denoise_estimate(name: str, out=print) -> Estimate:
   from bagel_jax.aot import plan7b
 
   job = plan7b._job(plan7b.RECIPE, programs="denoise")
-  full, two, spec = plan7b.compile_total(job, name, "denoise")
+  full, pair, spec = plan7b.compile_total(job, name, "denoise")
   out(f"[{name}] denoise 1024 px: {full.total / 2**30:.2f} GiB per device, kernel calls {full.kernels}")
-  e = _estimate(job, name, "denoise", full, two, denoise_model_flops(job.cfg, job.shapes) / spec.num_devices, 1.0)
+  e = _estimate(job, name, "denoise", full, pair, denoise_model_flops(job.cfg, job.shapes) / spec.num_devices, 1.0)
   out(line(e))
   return e
 
