@@ -75,3 +75,10 @@ def test_memory_model_from_two_compiles():
   assert m.predict(memplan.Recipe(8, 18432, "full")) == pytest.approx(52 * GB, abs=2)
   assert m.predict(memplan.Recipe(16, 36864, "full")) == pytest.approx(55 * GB, abs=2)
   assert m.per_token == pytest.approx(18 * GB / 18432)
+
+
+def test_plan_7b_rejects_an_unknown_target(capsys):
+  from bagel_jax.aot.__main__ import main
+
+  assert main(["plan-7b", "--target", "v9z:2x2"]) == 2
+  assert "unknown target 'v9z:2x2'" in capsys.readouterr().err
