@@ -47,7 +47,10 @@ class TargetSpec:
   compute_capability: float | None = None
 
 
-# Published per-chip figures: (HBM bytes, bf16 TFLOP/s, HBM GB/s, VMEM MiB).
+# Published per-chip figures: (HBM bytes, bf16 TFLOP/s, HBM GB/s, VMEM MiB).  Source: the Google Cloud
+# TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e, /tpu7x: "Peak compute
+# per chip (bf16)", "HBM2/HBM capacity", "HBM bandwidth").  GPU figures are not tabled here: they are
+# read from the CUDA plugin's target description of each GPU (`gpu_peak_flops`, memory_bandwidth).
 TPU_CHIPS = {
     "v4": (32 * GIB, 275.0, 1228.0, 32),
     "v5e": (16 * GIB, 197.0, 819.0, 128),
