@@ -52,13 +52,20 @@ def test_plan_search_picks_the_least_fitting_change():
   # 30 + 2 + 36 = 68 GB > 60: fsdp 16 gives 15 + 38 = 53 (x2); 28,672 tokens give 60 (x1.29): tokens wins
   changes = memplan.fitting_changes(BASE, _fake(30, 1.0), 60 * GB)
   by = {c.knob: c for c in changes}
-  assert set(by) == {"fsdp", "tokens"}  # remat is already `full`: nothing saves more
+  assert set(by) == {"fsdp", "tokens", "fsdp+tokens"}  # remat is already `full`: nothing saves more
   assert by["fsdp"].recipe.fsdp == 16 and by["tokens"].recipe.tokens == 28 * 1024
   assert memplan.smallest(changes) is by["tokens"]
   # a large state: no token count fits (64 + 2 > 60), fsdp 32 does (16 + 2 + 36; fsdp 16 needs 70)
   changes = memplan.fitting_changes(BASE, _fake(64, 1.0), 60 * GB)
-  assert [(c.knob, c.recipe.fsdp, c.cost) for c in changes] == [("fsdp", 32, 4.0)]
-  assert memplan.smallest(changes) is changes[0]
+  assert [(c.knob, c.recipe.fsdp, c.cost) for c in changes[:1]] == [("fsdp", 32, 4.0)]
+  # both together are cheaper: fsdp 16 (32 GB) with 26,624 tokens (x2 x 1.38 = x2.77 < x4)
+  best = memplan.smallest(changes)
+  assert (best.knob, best.recipe.fsdp, best.recipe.tokens) == ("fsdp+tokens", 16, 26 * 1024)
+  # 40 GB: fsdp alone needs 256 (x32); together the cheapest is fsdp 32 with 22,528 tokens (x6.5)
+  changes = memplan.fitting_changes(BASE, _fake(64, 1.0), 40 * GB)
+  assert [(c.knob, c.recipe.fsdp, c.recipe.tokens) for c in changes] == [("fsdp", 256, 36864),
+                                                                        ("fsdp+tokens", 32, 22 * 1024)]
+  assert memplan.smallest(changes) is changes[1]
   # remat searched from a lighter policy: the least recomputing policy that fits
   light = memplan.Recipe(8, 8192, "none")
   extra = {"none": 40 * GB, "dots": 20 * GB, "save_attention_out": 5 * GB, "full": 0}

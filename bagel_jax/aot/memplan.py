@@ -5,7 +5,7 @@
     best = smallest(changes)                                   # None if nothing fits
 
 A recipe is (fsdp size, packed tokens per device, remat policy).  Three knobs, each searched on
-its own from the recipe outward: a remat policy that saves more (the least recomputing one that
+its own from the recipe outward (and fsdp with tokens together, where neither alone fits): a remat policy that saves more (the least recomputing one that
 fits), a larger fsdp size (powers of two), fewer tokens per device (multiples of `TOKEN_STEP`).
 The size of a change is the factor it costs the step: fsdp f -> f' needs f'/f as many devices
 for the same tokens per device; tokens T -> T' needs T/T' as many steps (or devices) for the same
@@ -41,7 +41,7 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-  knob: str  # "none" (the recipe fits), "remat", "fsdp", "tokens"
+  knob: str  # "none" (the recipe fits), "remat", "fsdp", "tokens", "fsdp+tokens"
   recipe: Recipe
   predicted: int  # bytes per device
   cost: float  # factor the change costs the step (1.0: no change)
@@ -49,6 +49,9 @@ class Change:
   def describe(self, base: Recipe) -> str:
     if self.knob == "none":
       return "fits as is"
+    if self.knob == "fsdp+tokens":
+      return (f"fsdp {base.fsdp} -> {self.recipe.fsdp} and tokens/device {base.tokens:,} -> {self.recipe.tokens:,} "
+              f"(x{self.cost:.2f})")
     old, new = {"remat": (base.remat, self.recipe.remat), "fsdp": (base.fsdp, self.recipe.fsdp),
                 "tokens": (f"{base.tokens:,}", f"{self.recipe.tokens:,}")}[self.knob]
     name = {"remat": "remat", "fsdp": "fsdp", "tokens": "tokens/device"}[self.knob]
@@ -93,7 +96,8 @@ def _first(cands: Sequence[Recipe], knob: str, cost: Callable[[Recipe], float], 
 
 def fitting_changes(base: Recipe, predict: Callable[[Recipe], int], limit: int, *,
                     fsdp_max: int = FSDP_MAX, token_step: int = TOKEN_STEP) -> list[Change]:
-  """[Change("none")] if the recipe fits; else, per knob, the least change of that knob alone that fits."""
+  """[Change("none")] if the recipe fits; else, per knob, the least change of that knob alone that fits,
+  then the cheapest change of fsdp and tokens together (for each larger fsdp, the most tokens that fit)."""
   m = predict(base)
   if m <= limit:
     return [Change("none", base, m, 1.0)]
@@ -113,6 +117,12 @@ def fitting_changes(base: Recipe, predict: Callable[[Recipe], int], limit: int, 
     found = _first(cands, knob, cost, predict, limit)
     if found is not None:
       out.append(found)
+  # both: for each larger fsdp, the most tokens per device that fit
+  both = [_first([dataclasses.replace(r, tokens=t.tokens) for t in tokens], "fsdp+tokens",
+                 lambda x: x.fsdp / base.fsdp * base.tokens / x.tokens, predict, limit) for r in fsdps]
+  found = [c for c in both if c is not None]
+  if found:
+    out.append(min(found, key=lambda c: c.cost))
   return out
 
 
