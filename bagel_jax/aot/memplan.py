@@ -5,7 +5,7 @@
     best = smallest(changes)                                   # None if nothing fits
 
 A recipe is (fsdp size, packed tokens per device, remat policy).  Three knobs, each searched on
-its own from the recipe outward (and fsdp with tokens together, where neither alone fits): a remat policy that saves more (the least recomputing one that
+its own from the recipe outward (and fsdp with tokens together): a remat policy that saves more (the least recomputing one that
 fits), a larger fsdp size (powers of two), fewer tokens per device (multiples of `TOKEN_STEP`).
 The size of a change is the factor it costs the step: fsdp f -> f' needs f'/f as many devices
 for the same tokens per device; tokens T -> T' needs T/T' as many steps (or devices) for the same
