@@ -2,6 +2,7 @@
 
     python -m bagel_jax.aot --target v5p:2x2x1 --config configs/bagel_7b_mot.py [--mesh fsdp=4]
     python -m bagel_jax.aot --target h100:8 --target v6e:2x4 --preset bagel_7b_mot --layers 2
+    python -m bagel_jax.aot plan-7b [--target v5p:2x2x2 ...] [--verify] [--roofline] [--denoise]
 
 Targets (see `bagel_jax.aot.targets`): TPU `v4|v5e|v5p|v6e|tpu7x:TOPOLOGY`, GPU
 `a100-40|a100-80|h100|h200|b200:N` (N devices per host) or `:HOSTSxN`; needs `pip install -e '.[aot]'`.
@@ -57,6 +58,10 @@ def _args(argv):
 def main(argv=None) -> int:
   from bagel_jax.aot import runner, targets
 
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "plan-7b":  # the 7B memory plan and roofline per target
+    from bagel_jax.aot import plan7b
+    return plan7b.main(argv[1:])
   a = _args(argv)
   try:
     job = runner.Job.from_args(a)

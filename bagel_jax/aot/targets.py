@@ -24,6 +24,8 @@ import os
 import pathlib
 import re
 
+from bagel_jax.attention.target import TPU_GENERATIONS
+
 GB = 1e9
 GIB = 1024**3
 
@@ -45,7 +47,10 @@ class TargetSpec:
   compute_capability: float | None = None
 
 
-# Published per-chip figures: (HBM bytes, bf16 TFLOP/s, HBM GB/s, VMEM MiB).
+# Published per-chip figures: (HBM bytes, bf16 TFLOP/s, HBM GB/s, VMEM MiB).  Source: the Google Cloud
+# TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e, /tpu7x: "Peak compute
+# per chip (bf16)", "HBM2/HBM capacity", "HBM bandwidth").  GPU figures are not tabled here: they are
+# read from the CUDA plugin's target description of each GPU (`gpu_peak_flops`, memory_bandwidth).
 TPU_CHIPS = {
     "v4": (32 * GIB, 275.0, 1228.0, 32),
     "v5e": (16 * GIB, 197.0, 819.0, 128),
@@ -160,8 +165,7 @@ def _gpu(name: str, gen: str, topo: str):
   return devices, spec
 
 
-TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-             "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "tpu7x"}
+TPU_KINDS = TPU_GENERATIONS
 
 
 def peak_for_kind(kind: str) -> float | None:

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bagel_jax.attention import blocks, target
+from bagel_jax.attention import blocks, target, tiles
 from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the Pallas interpreter (CPU tests)
@@ -46,9 +46,9 @@ _MIN_BLOCK = 16  # tl.dot needs at least 16 rows/columns
 class BlockSizes:
   """Tile sizes (powers of two). `*_bwd` are used by both backward kernels.
 
-  The defaults (bf16/fp16) keep the forward's double-buffered Q, K, V tiles near 96 KB of shared
-  memory at head dim 128, inside an A100's 164 KB; `default_block_sizes` halves them for fp32.
-  Untuned: no GPU was available when they were chosen (see docs/benchmarks.md).
+  The class defaults are the generic ones; `default_block_sizes` reads the per-target table
+  (`bagel_jax.attention.tiles`, chosen with the target's compiler, see docs/benchmarks.md) and
+  halves it for fp32.
   """
   block_q: int = 128
   block_k: int = 64
@@ -58,10 +58,17 @@ class BlockSizes:
   num_stages: int = 2
 
 
-def default_block_sizes(dtype) -> BlockSizes:
+def default_block_sizes(dtype, device: target.Device | None = None) -> BlockSizes:
+  """The tiles of the target's compute capability (`tiles.GPU`, chosen by `bench tiles`; default: the
+  active mesh's device); halved for fp32 (twice the bytes per element)."""
+  t = tiles.gpu(device)
+  bs = BlockSizes(block_q=t.block_q, block_k=t.block_k, block_q_bwd=t.block_q_bwd, block_k_bwd=t.block_k_bwd,
+                  num_warps=t.num_warps, num_stages=t.num_stages)
   if jnp.dtype(dtype).itemsize >= 4:
-    return BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32)
-  return BlockSizes()
+    half = lambda n: max(n // 2, _MIN_BLOCK)
+    bs = dataclasses.replace(bs, block_q=half(bs.block_q), block_k=half(bs.block_k), block_q_bwd=half(bs.block_q_bwd),
+                             block_k_bwd=half(bs.block_k_bwd))
+  return bs
 
 
 def unavailable_reason(device: target.Device | None = None) -> str | None:

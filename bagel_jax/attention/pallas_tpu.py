@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from bagel_jax.attention import blocks, target
+from bagel_jax.attention import blocks, target, tiles
 from bagel_jax.attention.registry import BackendUnavailable
 
 INTERPRET = False  # module switch: run every call in the TPU interpreter (CPU tests)
@@ -53,11 +53,12 @@ class BlockSizes:
   vmem_limit_bytes: int | None = 64 * 1024 * 1024
 
 
-def default_block_sizes(dtype) -> BlockSizes:
-  """Untuned defaults (no TPU was available): 512-wide forward tiles as in MaxText's splash
-  settings, 256 for the backward, whose kernels keep more [block, block] fp32 temporaries."""
+def default_block_sizes(dtype, device: target.Device | None = None) -> BlockSizes:
+  """The tiles of the target's TPU generation (`tiles.TPU`, chosen by `bench tiles`; default: the
+  active mesh's device)."""
   del dtype
-  return BlockSizes()
+  t = tiles.tpu(device)
+  return BlockSizes(block_q=t.block_q, block_k=t.block_k, block_q_bwd=t.block_q_bwd, block_k_bwd=t.block_k_bwd)
 
 
 def unavailable_reason(device: target.Device | None = None) -> str | None:

@@ -25,6 +25,16 @@ class Device:
   compute_capability: float | None = None  # NVIDIA GPUs only
 
 
+# TPU generation by device kind (what jax.Device.device_kind reports, real or abstract).
+TPU_GENERATIONS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+                   "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "tpu7x"}
+
+
+def tpu_generation(kind: str) -> str | None:
+  """"v4", "v5e", "v5p", "v6e" or "tpu7x" for a TPU device kind, None if unknown."""
+  return TPU_GENERATIONS.get(kind)
+
+
 def nvidia_compute_capability(kind: str) -> float | None:
   for pattern, cc in _NVIDIA_CC:
     if re.search(pattern, kind):
@@ -71,4 +81,4 @@ def current() -> Device:
   return of(jax.devices()[0])
 
 
-__all__ = ["Device", "current", "mesh_device", "nvidia_compute_capability", "of"]
+__all__ = ["Device", "TPU_GENERATIONS", "current", "mesh_device", "nvidia_compute_capability", "of", "tpu_generation"]
