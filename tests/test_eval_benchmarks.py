@@ -59,6 +59,89 @@ def _mtimes(folder):
           and p.name != "summary.json"}
 
 
+# ----------------------------------------------------------------------------- the contexts upstream's scripts build
+
+class _Recorder:
+  """A replica that runs `Inferencer.batch` with record=True and keeps, per call, its requests,
+  keyword arguments, outputs and `inf.last` (the contexts the images were denoised against)."""
+
+  def __init__(self, inf):
+    self.inf, self.calls = inf, []
+
+  def batch(self, requests, **kw):
+    out = self.inf.batch(requests, record=True, **kw)
+    self.calls.append(dict(requests=requests, kw=kw, out=out, last=self.inf.last))
+    return out
+
+
+def _framed(inf, text: str) -> list[int]:
+  """Upstream `prepare_prompts` (modeling/bagel/bagel.py lines 245-252): bos + ids + eos, rope +1 per token."""
+  t = inf.cfg.tokens
+  return [t.bos_token_id, *inf.tokenizer.encode(text), t.eos_token_id]
+
+
+def _block(inf, tokens: int) -> list[int]:
+  """An image in a context: start-of-image, its tokens (no text id), end-of-image; rope +1."""
+  return [inf.cfg.tokens.start_of_image] + [0] * tokens + [inf.cfg.tokens.end_of_image]
+
+
+def _recorded(inf, ctx) -> tuple[list[int], int, int]:
+  """(token ids, length, next rope) of a context recorded by the Inferencer (`last["contexts"]`)."""
+  from bagel_jax.inference import kv_cache as kc
+  segs, length, rope = ctx
+  if not segs:
+    return [], length, rope
+  chunk = kc.build_chunk([segs], [0], inf.cfg, exact=True)
+  return np.asarray(chunk.text_ids[0, :int(chunk.n[0])]).tolist(), length, rope
+
+
+def _check_contexts(inf, call, expected: dict[str, tuple[list[int], int]]) -> None:
+  """Every request's recorded contexts are `expected[name][i]` (ids, next rope), and the stacked
+  contexts of the denoising loop have those lengths and positions (gen, then the CFG contexts)."""
+  [group] = call["last"]["groups"]
+  stacked = group["contexts"]
+  n = len(call["requests"])
+  for k, (name, per_request) in enumerate(expected.items()):
+    for i, (ids, rope) in enumerate(per_request):
+      got = _recorded(inf, call["last"]["contexts"][i][name])
+      assert got == (ids, len(ids), rope), (name, i)
+      assert int(stacked.lengths[k * n + i]) == len(ids) and int(stacked.next_rope[k * n + i]) == rope, (name, i)
+  assert stacked.lengths.shape[0] == n * len(expected)
+
+
+def _edit_expected(inf, call, think: bool) -> dict:
+  """Upstream's editing scripts (eval/gen/gen_images_mp_imgedit.py `editing_image_with_think` lines 78-234,
+  `editing_image` lines 299-373; the KRIS and RISE scripts are the same; eval/gen/gedit/gen_images_gedit.py
+  lines 192-320): gen = [system, (VAE, ViT) per image, instruction, plan]; cfg_text = a copy of gen before
+  the instruction; cfg_img = a fresh cache of [system, instruction, plan].  Without think: no system, no plan."""
+  from bagel_jax.inference.inferencer import GEN_THINK_SYSTEM_PROMPT
+  [request], [out] = call["requests"], call["out"]
+  *images, instruction = request
+  sys_ = _framed(inf, GEN_THINK_SYSTEM_PROMPT) if think else []
+  blocks = []
+  for im in images:
+    (h, w), (vh, vw) = im.vae.shape[:2], im.vit.shape[:2]
+    ld, p = inf.cfg.latent_downsample, inf.cfg.vit.patch_size
+    blocks += _block(inf, (h // ld) * (w // ld)) + _block(inf, (vh // p) * (vw // p))
+  text = _framed(inf, instruction)
+  plan = _framed(inf, out[0]) if think else []
+  assert (len(out) == 2) == think
+  n_img = 2 * len(images)  # one rope id per VAE and per ViT image
+  return {"gen": [(sys_ + blocks + text + plan, len(sys_) + n_img + len(text) + len(plan))],
+          "cfg_text": [(sys_ + blocks, len(sys_) + n_img)],
+          "cfg_img": [(sys_ + text + plan, len(sys_) + len(text) + len(plan))]}
+
+
+def _check_edit_calls(inf, rec, think: bool) -> None:
+  assert rec.calls
+  for call in rec.calls:
+    _check_contexts(inf, call, _edit_expected(inf, call, think))
+    # upstream sizes the edit from images[0] (gen_images_mp_imgedit.py lines 62-71)
+    first = call["requests"][0][0].vae.shape[:2]
+    assert call["kw"]["output_shapes"] == [tuple(first)]
+    assert call["last"]["groups"][0]["image_u8"].shape[1:3] == first
+
+
 # ----------------------------------------------------------------------------- generation and editing
 
 def test_geneval_layout_and_resume(run, tmp_path):
@@ -90,20 +173,32 @@ def test_geneval_layout_and_resume(run, tmp_path):
   assert not list(out.rglob(".*.tmp-*"))
 
 
-def test_wise_think_writes_plan_and_image(run, tmp_path):
+def test_wise_think_writes_plan_and_image(run, tmp_path, inf):
   data = tmp_path / "final_data.json"
   data.write_text(json.dumps([{"Prompt": "Traditional food of the Mid-Autumn Festival", "prompt_id": 1,
                                "Category": "Cultural knowledge", "Subcategory": "Festival"},
                               {"Prompt": "A tree in winter", "prompt_id": 7, "Category": "Natural science"}]))
   out = tmp_path / "wise"
-  rc, s = run("wise", data, out, *GEN_FAST, "--think", "--max-think-tokens", "4", "--batch-size", "2")
+  rec = _Recorder(inf)
+  rc, s = run("wise", data, out, *GEN_FAST, "--think", "--max-think-tokens", "4", "--batch-size", "2",
+              replicas=[rec])
   assert rc == 0 and s["counts"]["generated"] == 2 and s["settings"]["think"] is True
   assert s["settings"]["cfg_interval"] == [0.4, 1.0] and s["settings"]["text_temperature"] == 0.3
   assert sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "summary.json") == \
       ["1.png", "1.txt", "7.png", "7.txt"]
+  # Upstream eval/gen/gen_images_mp_wise.py `generate_image_with_think`: gen = [system, prompt, plan]
+  # (lines 50-117); the text-CFG branch gets `cfg_text_past_key_values=None` with the kv length and rope
+  # after the system prompt (lines 62-69, 137-141): no keys, the latents at the system prompt's end.
+  # Image CFG is off (no cfg_img arguments: scale 1).
+  from bagel_jax.inference.inferencer import GEN_THINK_SYSTEM_PROMPT
+  [call] = rec.calls
+  sys_ = _framed(inf, GEN_THINK_SYSTEM_PROMPT)
+  gen = [sys_ + _framed(inf, req[0]) + _framed(inf, o[0]) for req, o in zip(call["requests"], call["out"])]
+  assert [o[0] for o in call["out"]] == [(out / f"{k}.txt").read_text() for k in (1, 7)]
+  _check_contexts(inf, call, {"gen": [(g, len(g)) for g in gen], "cfg_text": [([], len(sys_))] * 2})
 
 
-def test_imgedit_layout(run, tmp_path):
+def test_imgedit_layout(run, tmp_path, inf):
   root = tmp_path / "singleturn"
   _png(root / "animal" / "a.jpg")
   _png(root / "style" / "b.png", seed=1)
@@ -111,15 +206,17 @@ def test_imgedit_layout(run, tmp_path):
       "1082": {"id": "animal/a.jpg", "prompt": "Add a hat to the cat.", "edit_type": "add"},
       "2001": {"id": "style/b.png", "prompt": "Make it a watercolor.", "edit_type": "style"}}))
   out = tmp_path / "bagel"
-  rc, s = run("imgedit", root, out, *EDIT_FAST)
+  rec = _Recorder(inf)
+  rc, s = run("imgedit", root, out, *EDIT_FAST, replicas=[rec])
   assert rc == 0 and s["counts"]["generated"] == 2
+  _check_edit_calls(inf, rec, think=False)  # upstream's script runs ImgEdit without --think
   assert s["settings"]["cfg_img_scale"] == 1.5 and s["settings"]["cfg_renorm_type"] == "text_channel"
   with Image.open(out / "1082.png") as im:  # VAE resize of 20x28 (tiny tables): 32x48, then cropped to content
     assert im.size[0] <= 32 and im.size[1] <= 48
   assert (out / "2001.png").is_file()
 
 
-def test_gedit_parquet_layout(run, tmp_path):
+def test_gedit_parquet_layout(run, tmp_path, inf):
   rows = {"task_type": ["background_change", "background_change"], "key": ["k1", "k1"],
           "instruction": ["Make the sky red.", "天空变红"],
           "instruction_language": ["en", "cn"],
@@ -127,8 +224,10 @@ def test_gedit_parquet_layout(run, tmp_path):
   (tmp_path / "gedit" / "data").mkdir(parents=True)
   pq.write_table(pa.table(rows), tmp_path / "gedit" / "data" / "train-00000-of-00001.parquet")
   out = tmp_path / "gen_image"
-  rc, s = run("gedit", tmp_path / "gedit", out, *EDIT_FAST)
+  rec = _Recorder(inf)
+  rc, s = run("gedit", tmp_path / "gedit", out, *EDIT_FAST, replicas=[rec])
   assert rc == 0 and s["counts"]["generated"] == 2 and s["settings"]["cfg_interval"] == [0.4, 1.0]
+  _check_edit_calls(inf, rec, think=False)  # run_gedit.sh runs without --use_think
   for lang in ("en", "cn"):
     folder = out / "fullset" / "background_change" / lang
     assert sorted(p.name for p in folder.iterdir()) == ["k1.png", "k1_SRCIMG.png"]
@@ -136,14 +235,18 @@ def test_gedit_parquet_layout(run, tmp_path):
     assert im.size == (32, 48)  # the VAE-resized input's size, not cropped (upstream saves the edit as decoded)
 
 
-def test_kris_multi_image_and_rise(run, tmp_path):
+def test_kris_multi_image_and_rise(run, tmp_path, inf):
   kris = tmp_path / "KRIS_Bench"
   _png(kris / "multi-element_composition" / "2_a.jpg", seed=3)
-  _png(kris / "multi-element_composition" / "2_b.jpg", seed=4)
+  _png(kris / "multi-element_composition" / "2_b.jpg", size=(28, 20), seed=4)
   (kris / "multi-element_composition" / "annotation.json").write_text(json.dumps(
       {"2": {"ori_img": ["2_a.jpg", "2_b.jpg"], "ins_en": "Put the dog on the sofa."}}))
-  rc, s = run("kris", kris, tmp_path / "results" / "bagel", *EDIT_FAST)  # two input images
+  rec = _Recorder(inf)
+  rc, s = run("kris", kris, tmp_path / "results" / "bagel", *EDIT_FAST, replicas=[rec])  # two input images
   assert rc == 0 and s["counts"]["generated"] == 1
+  _check_edit_calls(inf, rec, think=False)  # the edit has the FIRST image's size (the two differ)
+  [[first, second, _]] = rec.calls[0]["requests"]
+  assert first.vae.shape != second.vae.shape
   assert [p.name for p in (tmp_path / "results" / "bagel" / "multi-element_composition").iterdir()] == ["2.png"]
 
   rise = tmp_path / "rise_data"
@@ -151,9 +254,14 @@ def test_kris_multi_image_and_rise(run, tmp_path):
   (rise / "datav2_total_w_subtask.json").write_text(json.dumps([
       {"index": "temporal_1", "category": "temporal_reasoning", "instruction": "Show it after ten years.",
        "image": "temporal_reasoning_images/t1.png", "subtask": "Life Progression"}]))
-  rc, s = run("rise", rise, tmp_path / "rise_out", *EDIT_FAST)
+  # run_rise.sh (and run_kris.sh) pass --think; the four editing runners share these contexts (EDIT_CONTEXTS)
+  rec = _Recorder(inf)
+  rc, s = run("rise", rise, tmp_path / "rise_out", *EDIT_FAST, "--think", "--max-think-tokens", "4", replicas=[rec])
   assert rc == 0 and s["settings"]["cfg_img_scale"] == 2.0
-  assert [p.name for p in (tmp_path / "rise_out" / "temporal_reasoning").iterdir()] == ["temporal_1.png"]
+  _check_edit_calls(inf, rec, think=True)
+  folder = tmp_path / "rise_out" / "temporal_reasoning"
+  assert sorted(p.name for p in folder.iterdir()) == ["temporal_1.png", "temporal_1.txt"]
+  assert (folder / "temporal_1.txt").read_text() == rec.calls[0]["out"][0][0]
 
 
 # ----------------------------------------------------------------------------- understanding
@@ -386,7 +494,8 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
 
 
 def test_items_sharded_over_processes(run, tmp_path, monkeypatch, inf):
-  """Item i runs on process i % count; process 0 waits, merges the per-process counts, scores."""
+  """Item i runs on process i % count; process 0 waits, merges the per-process counts, scores.
+  Then --devices-per-replica 2 on 4 of the 8 test devices gives the same answers."""
   import jax
 
   from bagel_jax.eval import runner
@@ -408,3 +517,12 @@ def test_items_sharded_over_processes(run, tmp_path, monkeypatch, inf):
   s = json.loads((out / "summary.json").read_text())
   assert [p["counts"]["generated"] for p in s["per_process"]] == [2, 2] and s["counts"]["generated"] == 4
   assert s["scores"]["pairs"] == 2
+  # One real process, --devices 4 --devices-per-replica 2: the CLI loads the checkpoint and builds two
+  # tensor-parallel replicas of 2 devices (the one batch runs on the first): the same answers.
+  monkeypatch.undo()
+  tp = tmp_path / "tp"
+  argv = argv[:argv.index("--out") + 1] + [str(tp), "--no-progress", "--max-new-tokens", "3", "--batch-size", "4",
+                                           "--devices", "4", "--devices-per-replica", "2"]
+  assert main(argv) == 0
+  assert json.loads((tp / "summary.json").read_text())["per_process"][0]["replicas"] == 2
+  assert (tp / "results.jsonl").read_text() == (out / "results.jsonl").read_text()

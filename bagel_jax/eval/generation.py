@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Sequence
 from bagel_jax.eval.core import Benchmark, Item, Request
 from bagel_jax.eval.images import crop_to_content, edit_input
 from bagel_jax.eval.store import write_png, write_text
+from bagel_jax.inference.contexts import CfgContext
 
 # Upstream's think settings (`generate_text(do_sample=True, temperature=0.3)`); the token limit is per benchmark.
 THINK_SAMPLING = dict(do_sample=True, text_temperature=0.3)
@@ -26,15 +27,28 @@ def flow_settings(cfg_text_scale: float, cfg_img_scale: float, cfg_interval: tup
               timestep_shift=3.0, num_timesteps=50, cfg_renorm_min=0.0, cfg_renorm_type=cfg_renorm_type)
 
 
+# The editing scripts' contexts (gen_images_mp_imgedit.py `editing_image_with_think` lines 78-234, the
+# same in _kris and _rise; gedit/gen_images_gedit.py lines 192-320): gen = [system, images,
+# instruction, plan]; cfg_text = [system, images] (a copy of gen before the instruction); cfg_img =
+# [system, instruction, plan] (a fresh cache).  Without --think: [images, instruction], [images],
+# [instruction].  The system prompt and the plan exist in think mode only.
+EDIT_CONTEXTS: dict[str, CfgContext] = {
+    "cfg_text_context": CfgContext(system=True, images=True),
+    "cfg_img_context": CfgContext(system=True, texts=True, think=True)}
+
+
 class ImageBenchmark(Benchmark):
   """Generation/editing: subclasses set `defaults` and implement `load`, `outputs` and `requests`.
 
   Each request's `tag` is its output path; with --think the reasoning is saved beside it as .txt
   (upstream `--think`), written before the image, whose presence marks the request finished.
+  `contexts`: what the CFG contexts hold in upstream's script (`Inferencer.batch` options; empty:
+  the inferencer's rule).
   """
 
   task: ClassVar[str] = "generation"
   defaults: ClassVar[dict[str, Any]] = {}
+  contexts: ClassVar[dict[str, CfgContext]] = {}
   think_tokens: ClassVar[int] = 2048
   crop: ClassVar[bool] = True
   save_think: ClassVar[bool] = True
@@ -49,7 +63,7 @@ class ImageBenchmark(Benchmark):
       kw["num_timesteps"] = a.steps
     if getattr(a, "think", False):
       kw.update(think=True, max_think_token_n=a.max_think_tokens or self.think_tokens, **THINK_SAMPLING)
-    return kw
+    return {**kw, **self.contexts}
 
   def outputs(self, item: Item) -> list[pathlib.Path]:
     raise NotImplementedError
@@ -91,9 +105,11 @@ class TextToImageBenchmark(ImageBenchmark):
 
 
 class EditBenchmark(ImageBenchmark):
-  """Editing: one output per item from its input image(s) and instruction."""
+  """Editing: one output per item from its input image(s) and instruction; the output has the size
+  of the FIRST input image after the VAE resize (upstream's `editing_image*`: `images[0].size`)."""
 
   task: ClassVar[str] = "editing"
+  contexts: ClassVar[dict[str, CfgContext]] = EDIT_CONTEXTS
 
   def source_images(self, item: Item) -> list:
     raise NotImplementedError
@@ -104,9 +120,9 @@ class EditBenchmark(ImageBenchmark):
   def requests(self, item: Item) -> list[Request]:
     index = item.data["_index"]
     inputs = [edit_input(im, self.cfg, self.item_seed(index, 1000 + n)) for n, im in enumerate(self.source_images(item))]
-    shape = tuple(int(v) for v in inputs[-1].vae.shape[:2])
+    shape = tuple(int(v) for v in inputs[0].vae.shape[:2])
     return [Request(inputs + [self.instruction(item)], seed=self.item_seed(index), shape=shape, tag=path)
             for _, path in self.pending(item)]
 
 
-__all__ = ["flow_settings", "ImageBenchmark", "TextToImageBenchmark", "EditBenchmark", "THINK_SAMPLING"]
+__all__ = ["EDIT_CONTEXTS", "flow_settings", "ImageBenchmark", "TextToImageBenchmark", "EditBenchmark", "THINK_SAMPLING"]

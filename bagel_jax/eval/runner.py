@@ -70,9 +70,11 @@ def run_batch(bench: Benchmark, inf, batch: list[Item], tally: Tally) -> None:
   try:
     per_item = [bench.requests(it) for it in batch]
     reqs = [r for rs in per_item for r in rs]
-    noise = None if bench.task == "understanding" else [initial_noise(r.seed, r.shape, bench.cfg) for r in reqs]
+    if bench.task != "understanding":  # the noise and the output size come from each request
+      kw.update(init_noise=[initial_noise(r.seed, r.shape, bench.cfg) for r in reqs],
+                output_shapes=[r.shape for r in reqs])
     seed = int(bench.args.seed) + zlib.crc32(batch[0].key.encode())  # think-mode sampling key
-    outs = inf.batch([r.inputs for r in reqs], init_noise=noise, seed=seed, **kw) if reqs else []
+    outs = inf.batch([r.inputs for r in reqs], seed=seed, **kw) if reqs else []
     n = 0
     for it, rs in zip(batch, per_item):
       bench.save(it, rs, outs[n:n + len(rs)])

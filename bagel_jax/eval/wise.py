@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from bagel_jax.eval.core import EvalError, Item, field
 from bagel_jax.eval.generation import TextToImageBenchmark, flow_settings
 from bagel_jax.eval.readers import read_json
+from bagel_jax.inference.contexts import CfgContext
 
 
 class Wise(TextToImageBenchmark):
@@ -22,7 +23,11 @@ class Wise(TextToImageBenchmark):
   # gen_images_mp_wise.py: cfg 4, interval [0.4, 1], shift 3, 50 steps, renorm_min 0, global renorm.
   defaults: ClassVar[dict[str, Any]] = flow_settings(4.0, 1.0, (0.4, 1.0), "global")
   think_tokens: ClassVar[int] = 2048
-
+  # gen_images_mp_wise.py: with --think (`generate_image_with_think`, lines 50-69 and 137-141) the text-CFG
+  # branch runs with `cfg_text_past_key_values=None` at the system prompt's kv length and rope: no
+  # keys, the position after the system prompt.  Without it (`generate_image`, lines 182-190) an
+  # empty context at position 0: the same spec.
+  contexts: ClassVar[dict[str, CfgContext]] = {"cfg_text_context": CfgContext(system=True, keys=False)}
 
   def _rows(self) -> list[dict]:
     data = pathlib.Path(self.args.data)

@@ -16,6 +16,9 @@ the last text) and cfg_img (the texts only, no image).  In think mode the system
 cfg_img, and the generated reasoning is re-encoded and appended to gen only.  Each input image goes
 into gen as a clean VAE image (skipped for understanding) and then as a ViT image; the generated
 image has the size of the last input image (after the VAE resize), else `image_shapes`.
+`batch(cfg_text_context=..., cfg_img_context=..., output_shapes=...)` let a caller that follows one
+of upstream's benchmark scripts say what the CFG contexts hold and the output size
+(`bagel_jax.inference.contexts`); the defaults are the rule above.
 
 Compute: each distinct context is one row of one batched prefill (a context that is a prefix of
 another, e.g. cfg_text of gen, reads the longer context's row with a shorter length instead of
@@ -40,6 +43,8 @@ from bagel_jax.config import BagelConfig
 from bagel_jax.data.transforms import pil_img2rgb
 from bagel_jax.image import patchify, unpatchify
 from bagel_jax.inference import flow, kv_cache as kc, taylorseer
+from bagel_jax.inference.contexts import (CfgContext, Part, RequestContexts, assign_rows, plan_rows,
+                                          request_contexts)
 from bagel_jax.inference.errors import InferenceError
 from bagel_jax.inference.text import generate_tokens, strip_generated
 from bagel_jax.tokenizer import Tokenizer, check_special_tokens
@@ -206,34 +211,6 @@ def _decode(model, params, latents):
 
 # ----------------------------------------------------------------------------- the inferencer
 
-def assign_rows(contexts: Sequence[dict[str, list]], names: Sequence[str]):
-  """Cache rows for the contexts `names` of each request: a context whose segments are a prefix of
-  another context of the same request (same segment objects) reads that context's row.
-
-  Returns (rows: the segment lists to prefill, where: {(request, name): (row, length, next rope)}).
-  """
-  rows: list[list] = []
-  owner: list[int] = []
-  where: dict[tuple[int, str], tuple[int, int, int]] = {}
-  todo = sorted(((i, nm) for i in range(len(contexts)) for nm in names), key=lambda x: -len(contexts[x[0]][x[1]]))
-  for i, nm in todo:  # longest first (stable: gen before the CFG contexts on ties)
-    segs = contexts[i][nm]
-    row = next((r for r, (o, src) in enumerate(zip(owner, rows))
-                if o == i and len(src) >= len(segs) and all(a is b for a, b in zip(src, segs))), None)
-    if row is None:
-      rows.append(list(segs))
-      owner.append(i)
-      row = len(rows) - 1
-    where[(i, nm)] = (row, kc.context_length(segs), kc.context_rope(segs))
-  return rows, where
-
-
-@dataclasses.dataclass
-class _Request:
-  contexts: dict[str, list]  # gen / cfg_text / cfg_img -> segments
-  image_shape: tuple[int, int]
-
-
 class Inferencer:
   def __init__(self, model, params, tokenizer: Tokenizer | None, *, cache_dtype=None, mesh=None):
     """mesh: a `bagel_jax.sharding` mesh: the parameters are placed by the project's rules and the
@@ -326,58 +303,59 @@ class Inferencer:
                            f"pixels ({side} patches of {p} px)")
     return kc.VitSegment(patchify(x, p), (h // p, w // p))
 
-  def _build(self, items: Sequence[Item], think: bool, understanding: bool, image_shape, key) -> _Request:
-    """Upstream `interleave_inference`'s context bookkeeping, on segments."""
-    gen: list = []
-    cfg_text: list = []
-    cfg_img: list = []
+  def _parts(self, items: Sequence[Item], think: bool, understanding: bool, image_shape, key):
+    """The request's parts in order (`contexts.Part`) and its output size: the last input image's
+    (after the VAE resize), else `image_shape` (upstream `interleave_inference`)."""
+    parts: list[Part] = []
     if think:
-      sys_seg = self._encode_text(VLM_THINK_SYSTEM_PROMPT if understanding else GEN_THINK_SYSTEM_PROMPT)
-      gen.append(sys_seg)
-      cfg_img.append(sys_seg)
+      parts.append(("system", self._encode_text(VLM_THINK_SYSTEM_PROMPT if understanding else GEN_THINK_SYSTEM_PROMPT)))
     shape = tuple(image_shape)
     for n, item in enumerate(items):
       if isinstance(item, (str, kc.TextSegment)) or (isinstance(item, (list, tuple)) and
                                                     all(isinstance(i, (int, np.integer)) for i in item)):
-        seg = item if isinstance(item, kc.TextSegment) else self._encode_text(item)
-        cfg_text = list(gen)  # cfg_text: everything before the LAST text
-        gen.append(seg)
-        # Quirk: cfg_img gets every text but no image, so for text-to-image it equals gen and an
-        # image scale > 1 only rescales the text guidance (effective scale 1 + s_i (s_t - 1)).
-        cfg_img.append(seg)
-        continue
-      if is_video(item):  # each frame an image, in order (as upstream's training packs a clip)
+        parts.append(("text", item if isinstance(item, kc.TextSegment) else self._encode_text(item)))
+      elif is_video(item):  # each frame an image, in order (as upstream's training packs a clip)
         for f, img in enumerate(preprocess_frames(item, self.cfg)):
-          shape = self._add_image(gen, img, understanding, key, (n, f)) or shape
+          shape = self._add_image(parts, img, understanding, key, (n, f)) or shape
       elif isinstance(item, (list, tuple)):
         raise InferenceError(f"input {n}: a list must hold token ids or video frames (PIL images or ImageInput)")
       else:
         img = item if isinstance(item, ImageInput) else preprocess_image(item, self.cfg)
-        shape = self._add_image(gen, img, understanding, key, (n,)) or shape
-      cfg_text = list(gen)  # upstream: `cfg_text_context = deepcopy(gen_context)` after every image
-    return _Request({"gen": gen, "cfg_text": cfg_text, "cfg_img": cfg_img}, shape)
+        shape = self._add_image(parts, img, understanding, key, (n,)) or shape
+    return parts, shape
 
-  def _add_image(self, gen: list, img: ImageInput, understanding: bool, key, path: tuple[int, ...]
+  def _build(self, items: Sequence[Item], think: bool, understanding: bool, image_shape, key,
+             overrides: dict[str, CfgContext | None] | None = None) -> RequestContexts:
+    """Upstream `interleave_inference`'s context bookkeeping, on segments (`contexts.request_contexts`).
+
+    Quirk kept: cfg_img gets every text but no image, so for text-to-image it equals gen and an
+    image scale > 1 only rescales the text guidance (effective scale 1 + s_i (s_t - 1)).
+    """
+    parts, shape = self._parts(items, think, understanding, image_shape, key)
+    return request_contexts(parts, shape, think and not understanding, overrides)
+
+  def _add_image(self, parts: list, img: ImageInput, understanding: bool, key, path: tuple[int, ...]
                  ) -> tuple[int, int] | None:
     """Upstream `update_context_image`: a clean VAE image (generation only; its posterior draw from
-    `key` folded with `path`), then the ViT image. Returns the image's VAE size, if it has one."""
+    `key` folded with `path`), then the ViT image, appended to `parts`. Returns the image's VAE size,
+    if it has one."""
     shape = None
     if not understanding:
       if img.vae is None:
         raise InferenceError("an image input for image generation needs its VAE tensor")
       for i in path:
         key = jax.random.fold_in(key, i)
-      gen.append(self._vae_segment(img, key))
+      parts.append(("image", self._vae_segment(img, key)))
     if img.vae is not None:
       shape = tuple(int(v) for v in np.asarray(img.vae).shape[:2])
     if img.vit is None:
       raise InferenceError("an image input needs its ViT tensor")
-    gen.append(self._vit_segment(img))
+    parts.append(("image", self._vit_segment(img)))
     return shape
 
-  def _prefill(self, reqs: list[_Request], names: Sequence[str], extra: int):
+  def _prefill(self, reqs: Sequence[RequestContexts], names: Sequence[str], extra: int):
     """One batched prefill of every distinct context; returns (cache, {(i, name): (row, length, rope)})."""
-    rows, where = assign_rows([r.contexts for r in reqs], names)
+    rows, where = plan_rows(reqs, names)
     lengths = [kc.context_length(r) for r in rows]
     capacity = kc.bucket(max(lengths) + extra)
     # Rows of very different lengths (an edit's gen context next to its text-only cfg_img) are
@@ -440,23 +418,28 @@ class Inferencer:
             seed: int = 0, init_noise: Sequence[np.ndarray] | None = None, progress: bool | Callable = False,
             enable_taylorseer: bool = False, fresh_threshold: int = 3, max_order: int = 6, first_enhance: int = 5,
             taylorseer_mode: str = "upstream", fresh_tolerance: float = 0.0,
+            cfg_text_context: CfgContext | None = None, cfg_img_context: CfgContext | None = None,
+            output_shapes: Sequence[Sequence[int]] | None = None,
             record: bool = False, output: str = "pil") -> list[list]:
     """Runs several requests together (upstream's defaults). Returns, per request, its outputs:
     [text] (understanding), [image] or, with think, [reasoning text, image].
 
-    Long by design for now: upstream's `interleave_inference` in order (contexts, prefill, think,
-    per-size denoising groups, decode), each step a call into the modules.
+    Upstream's `interleave_inference` in order: contexts, prefill, think, per-size denoising groups,
+    decode, each step a method below.
 
     enable_taylorseer: TaylorSeer step caching (upstream PR #232) with upstream's settings
     fresh_threshold, max_order, first_enhance; taylorseer_mode, fresh_tolerance: this port's
     variants (`bagel_jax.inference.taylorseer`).  Every call starts with fresh caches.
 
+    cfg_text_context, cfg_img_context: what the CFG contexts hold (`contexts.CfgContext`), for
+    callers that follow a script building them by hand (the benchmark runners); None: upstream's
+    inferencer rule.  output_shapes: per request (H, W) of the image, instead of the last input
+    image's size or `image_shapes`.
+
     output: "pil" (PIL images), or "array" (uint8 [H, W, 3]).  init_noise: per request
     [h*w, p*p*z] float32 noise at t = 1 (else drawn from `seed`).  progress: True for a tqdm bar over
     the denoising steps, or a callable (steps done, total) called after each step.
     """
-    cfg = self.cfg
-    key = jax.random.key(seed)
     settings = flow.FlowSettings(num_timesteps=num_timesteps, timestep_shift=timestep_shift,
                                  cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                                  cfg_interval=tuple(cfg_interval), cfg_renorm_type=cfg_renorm_type,
@@ -466,116 +449,186 @@ class Inferencer:
     taylor = taylorseer.from_options(enable_taylorseer, fresh_threshold=fresh_threshold, max_order=max_order,
                                      first_enhance=first_enhance, taylorseer_mode=taylorseer_mode,
                                      fresh_tolerance=fresh_tolerance)
-    if (understanding_output or think) and int(max_think_token_n) < 1:
+    text_out = understanding_output or think
+    if text_out and int(max_think_token_n) < 1:
       raise InferenceError(f"max_think_token_n must be at least 1 (it counts the <|im_start|> token); "
                            f"got {max_think_token_n}")
+    if output_shapes is not None and len(output_shapes) != len(requests):
+      raise InferenceError(f"output_shapes has {len(output_shapes)} entries for {len(requests)} requests")
     if not requests:
       return []
     self.last = {} if record else self.last
-    reqs = [self._build(items, think, understanding_output, image_shapes, jax.random.fold_in(key, 2 * i))
+    key = jax.random.key(seed)
+    overrides = {"cfg_text": cfg_text_context, "cfg_img": cfg_img_context}
+    reqs = [self._build(items, think, understanding_output, image_shapes, jax.random.fold_in(key, 2 * i), overrides)
             for i, items in enumerate(requests)]
+    names = _context_names(settings, understanding_output)
     if not understanding_output:
-      for r in reqs:
-        r.image_shape = check_image_size(cfg, r.image_shape)
-    text_out = understanding_output or think
-    if understanding_output:
-      names = ["gen"]
-    else:
-      names = ["gen"] + (["cfg_text"] if settings.use_text_cfg else []) + (["cfg_img"] if settings.use_img_cfg else [])
-    timing = self.timing = {}
-    t0 = time.perf_counter()
-    cache, where = self._prefill(reqs, names, extra=kc.bucket(max_think_token_n) if text_out else 0)
-    jax.block_until_ready(cache)
-    timing["prefill_s"] = time.perf_counter() - t0
-    if record:
-      self.last["prefill_cache"] = cache
-      self.last["where"] = dict(where)
+      for i, r in enumerate(reqs):
+        r.image_shape = check_image_size(self.cfg, r.image_shape if output_shapes is None else output_shapes[i])
+    self.timing = {}
+    cache, where = self._timed_prefill(reqs, names, kc.bucket(max_think_token_n) if text_out else 0, record)
     results: list[list] = [[] for _ in reqs]
-
+    plans = None
     if text_out:
-      gen = [where[(i, "gen")] for i in range(len(reqs))]
-      t0 = time.perf_counter()
-      ids, texts = self._generate_text(cache, [g[0] for g in gen], [g[1] for g in gen], [g[2] for g in gen],
-                                       max_think_token_n, do_sample, text_temperature, top_k, top_p,
-                                       jax.random.fold_in(key, 1_000_003), record)
-      timing["text_s"] = time.perf_counter() - t0
-      timing["text_tokens"] = sum(len(t) for t in ids)
+      ids, texts = self._timed_text(cache, where, len(reqs), max_think_token_n, do_sample, text_temperature,
+                                    top_k, top_p, jax.random.fold_in(key, 1_000_003), record)
       for i, t in enumerate(texts):
         results[i].append(t if t is not None else ids[i])
       if understanding_output:
         return results
-      # Think: the decoded reasoning is re-encoded and appended to gen only (upstream `update_context_text`).
-      segs = [self._encode_text(t if t is not None else ids[i][1:]) for i, t in enumerate(texts)]
-      rows = [[] for _ in range(cache.batch)]
-      ropes = [0] * cache.batch
-      for i, seg in enumerate(segs):
-        row, length, rope = where[(i, "gen")]
-        rows[row] = [seg]
-        ropes[row] = rope
-        where[(i, "gen")] = (row, length + seg.num_tokens, rope + seg.rope_advance)
-      chunk = kc.build_chunk(rows, ropes, cfg)
-      need = max(where[(i, "gen")][1] for i in range(len(reqs)))
-      if need > cache.capacity:
-        cache = kc.take_rows(cache, jnp.arange(cache.batch), cache.lengths, cache.next_rope, capacity=kc.bucket(need))
-      cache = kc.extend(self.model, self.params, cache, jax.tree.map(jnp.asarray, chunk))
-
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, r in enumerate(reqs):
-      groups.setdefault(r.image_shape, []).append(i)
-    ts, dts, on = flow.schedule(settings)
-    for shape, members in groups.items():
-      grid = (shape[0] // cfg.latent_downsample, shape[1] // cfg.latent_downsample)
-      n_tok = grid[0] * grid[1]
-      rows, lengths, ropes = [], [], []
-      for nm in names:
-        for i in members:
-          r, ln, rp = where[(i, nm)]
-          rows.append(r); lengths.append(ln); ropes.append(rp)
-      # The stacked contexts get the capacity they need (not the prefill's decoding reserve).
-      stacked = kc.take_rows(cache, jnp.asarray(rows, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                             jnp.asarray(ropes, jnp.int32), capacity=min(cache.capacity, kc.bucket(max(lengths))))
-      if init_noise is not None:
-        x0 = jnp.stack([jnp.asarray(init_noise[i], jnp.float32).reshape(n_tok, cfg.patch_latent_dim) for i in members])
-      else:
-        x0 = jnp.stack([jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (n_tok, cfg.patch_latent_dim), jnp.float32)
-                        for i in members])
-      t0 = time.perf_counter()
-      with flow.progress_bar(len(ts), enabled=bool(progress), sink=progress if callable(progress) else None):
-        args = (stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on), jnp.float32(cfg_text_scale),
-                jnp.float32(cfg_img_scale), jnp.float32(cfg_renorm_min))
-        statics = dict(grid=grid, num_contexts=settings.num_contexts, renorm_type=cfg_renorm_type,
-                       over_batch=global_renorm_over_batch, progress=bool(progress), taylorseer=taylor)
-        if self.mesh is None:
-          x, rec = flow.denoise(self.model, self.params, *args, record=record, **statics)
-        else:
-          if record:
-            raise InferenceError("record=True records the unsharded sampler only; build the Inferencer without a mesh")
-          x, rec = self._sampler(stacked, statics)(self.params, *args), None
-        x = jax.block_until_ready(x)
-      t1 = time.perf_counter()
-      timing["denoise_s"] = timing.get("denoise_s", 0.0) + t1 - t0
-      latents = unpatchify(x, grid[0], grid[1], cfg.latent_patch_size)
-      # One image at a time: the decoder compiles once per size, and its activations stay small.
-      decoded = np.concatenate([np.asarray(_decode(self.model, self.params, latents[j:j + 1]))
-                                for j in range(latents.shape[0])])
-      u8 = to_uint8(decoded)
-      timing["vae_decode_s"] = timing.get("vae_decode_s", 0.0) + time.perf_counter() - t1
-      if record:
-        self.last.setdefault("groups", []).append(dict(members=members, final_latent=np.asarray(x),
-                                                       velocities=np.asarray(rec[0]), raw=np.asarray(rec[1]),
-                                                       decoded=decoded, image_u8=u8, schedule=(ts, dts, on),
-                                                       taylor=None if taylor is None else [np.asarray(a) for a in rec[2:]],
-                                                       contexts=stacked))  # what the image was denoised against
-      for j, i in enumerate(members):
-        if output == "pil":
-          from PIL import Image
-          results[i].append(Image.fromarray(u8[j]))
-        else:
-          results[i].append(u8[j])
+      cache, plans = self._append_plans(cache, where, reqs, names, ids, texts)
+    if record:
+      self.last["contexts"] = _context_record(reqs, names, where, plans)
+    sampling = _Sampling(settings, flow.schedule(settings), taylor, init_noise, key, progress, record)
+    for shape, members in _shape_groups(reqs).items():
+      for i, image in zip(members, self._image_group(cache, where, names, shape, members, sampling)):
+        results[i].append(_to_pil(image) if output == "pil" else image)
     return results
 
+  # ---- the steps of `batch`
+  def _timed_prefill(self, reqs, names, extra: int, record: bool):
+    t0 = time.perf_counter()
+    cache, where = self._prefill(reqs, names, extra=extra)
+    jax.block_until_ready(cache)
+    self.timing["prefill_s"] = time.perf_counter() - t0
+    if record:
+      self.last["prefill_cache"] = cache
+      self.last["where"] = dict(where)
+    return cache, where
 
-__all__ = ["Inferencer", "ImageInput", "load_image", "load_video", "preprocess_image", "preprocess_frames", "is_video",
+  def _timed_text(self, cache, where, n: int, max_length: int, do_sample, temperature, top_k, top_p, key, record):
+    """Decodes from every request's gen context (understanding answers, think plans)."""
+    gen = [where[(i, "gen")] for i in range(n)]
+    t0 = time.perf_counter()
+    ids, texts = self._generate_text(cache, [g[0] for g in gen], [g[1] for g in gen], [g[2] for g in gen],
+                                     max_length, do_sample, temperature, top_k, top_p, key, record)
+    self.timing["text_s"] = time.perf_counter() - t0
+    self.timing["text_tokens"] = sum(len(t) for t in ids)
+    return ids, texts
+
+  def _append_plans(self, cache: kc.KVCache, where: dict, reqs: Sequence[RequestContexts], names, ids, texts):
+    """Think: the decoded plan is re-encoded and appended to the contexts that receive it (upstream
+    `update_context_text`; gen only unless a CfgContext asks for it).  Updates `where` in place;
+    returns (cache, the plans' segments)."""
+    segs = [self._encode_text(t if t is not None else ids[i][1:]) for i, t in enumerate(texts)]
+    rows: list[list] = [[] for _ in range(cache.batch)]
+    ropes = [0] * cache.batch
+    for i, r in enumerate(reqs):
+      for nm in (nm for nm in names if nm in r.think_into):
+        row, length, rope = where[(i, nm)]
+        rows[row] = [segs[i]]  # contexts sharing a row receive the plan at the same place
+        ropes[row] = rope
+        where[(i, nm)] = (row, length + segs[i].num_tokens, rope + segs[i].rope_advance)
+    chunk = kc.build_chunk(rows, ropes, self.cfg)
+    need = max(ln for _, ln, _ in where.values())
+    if need > cache.capacity:
+      cache = kc.take_rows(cache, jnp.arange(cache.batch), cache.lengths, cache.next_rope, capacity=kc.bucket(need))
+    return kc.extend(self.model, self.params, cache, jax.tree.map(jnp.asarray, chunk)), segs
+
+  def _image_group(self, cache, where, names, shape, members, s: "_Sampling") -> np.ndarray:
+    """Denoises the requests `members` (one output size) against their stacked contexts, then decodes:
+    uint8 images [n, H, W, 3]."""
+    cfg = self.cfg
+    grid = (shape[0] // cfg.latent_downsample, shape[1] // cfg.latent_downsample)
+    picks = [where[(i, nm)] for nm in names for i in members]
+    rows, lengths, ropes = ([p[k] for p in picks] for k in range(3))
+    # The stacked contexts get the capacity they need (not the prefill's decoding reserve).
+    stacked = kc.take_rows(cache, jnp.asarray(rows, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                           jnp.asarray(ropes, jnp.int32), capacity=min(cache.capacity, kc.bucket(max(lengths))))
+    x0 = self._initial_noise(members, grid, s)
+    t0 = time.perf_counter()
+    x, rec = self._denoise(stacked, x0, grid, s)
+    t1 = time.perf_counter()
+    self.timing["denoise_s"] = self.timing.get("denoise_s", 0.0) + t1 - t0
+    latents = unpatchify(x, grid[0], grid[1], cfg.latent_patch_size)
+    # One image at a time: the decoder compiles once per size, and its activations stay small.
+    decoded = np.concatenate([np.asarray(_decode(self.model, self.params, latents[j:j + 1]))
+                              for j in range(latents.shape[0])])
+    u8 = to_uint8(decoded)
+    self.timing["vae_decode_s"] = self.timing.get("vae_decode_s", 0.0) + time.perf_counter() - t1
+    if s.record:
+      self.last.setdefault("groups", []).append(dict(
+          members=members, final_latent=np.asarray(x), velocities=np.asarray(rec[0]), raw=np.asarray(rec[1]),
+          decoded=decoded, image_u8=u8, schedule=s.schedule,
+          taylor=None if s.taylor is None else [np.asarray(a) for a in rec[2:]],
+          contexts=stacked))  # what the image was denoised against
+    return u8
+
+  def _initial_noise(self, members, grid, s: "_Sampling") -> jax.Array:
+    n_tok, dim = grid[0] * grid[1], self.cfg.patch_latent_dim
+    if s.init_noise is not None:
+      return jnp.stack([jnp.asarray(s.init_noise[i], jnp.float32).reshape(n_tok, dim) for i in members])
+    return jnp.stack([jax.random.normal(jax.random.fold_in(s.key, 2 * i + 1), (n_tok, dim), jnp.float32)
+                      for i in members])
+
+  def _denoise(self, stacked: kc.KVCache, x0, grid, s: "_Sampling"):
+    """`flow.denoise` (or the sharded `flow.jit_denoise` with a mesh); returns (x, recorded)."""
+    st = s.settings
+    ts, dts, on = s.schedule
+    with flow.progress_bar(len(ts), enabled=bool(s.progress), sink=s.progress if callable(s.progress) else None):
+      args = (stacked, x0, jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(on), jnp.float32(st.cfg_text_scale),
+              jnp.float32(st.cfg_img_scale), jnp.float32(st.cfg_renorm_min))
+      statics = dict(grid=grid, num_contexts=st.num_contexts, renorm_type=st.cfg_renorm_type,
+                     over_batch=st.global_renorm_over_batch, progress=bool(s.progress), taylorseer=s.taylor)
+      if self.mesh is None:
+        x, rec = flow.denoise(self.model, self.params, *args, record=s.record, **statics)
+      else:
+        if s.record:
+          raise InferenceError("record=True records the unsharded sampler only; build the Inferencer without a mesh")
+        x, rec = self._sampler(stacked, statics)(self.params, *args), None
+      return jax.block_until_ready(x), rec
+
+
+@dataclasses.dataclass
+class _Sampling:
+  """The image settings of one `batch` call, shared by its size groups."""
+
+  settings: flow.FlowSettings
+  schedule: tuple  # (timesteps, dts, cfg on) of `flow.schedule`
+  taylor: Any
+  init_noise: Sequence[np.ndarray] | None
+  key: jax.Array
+  progress: bool | Callable
+  record: bool
+
+
+def _context_names(settings: flow.FlowSettings, understanding: bool) -> list[str]:
+  """The contexts to prefill: gen, plus the CFG contexts the settings use (none for understanding;
+  upstream also prefills cfg_img there, never using it)."""
+  if understanding:
+    return ["gen"]
+  return ["gen"] + (["cfg_text"] if settings.use_text_cfg else []) + (["cfg_img"] if settings.use_img_cfg else [])
+
+
+def _shape_groups(reqs: Sequence[RequestContexts]) -> dict[tuple[int, int], list[int]]:
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, r in enumerate(reqs):
+    groups.setdefault(tuple(r.image_shape), []).append(i)
+  return groups
+
+
+def _context_record(reqs: Sequence[RequestContexts], names, where, plans) -> list[dict]:
+  """Per request {name: (segments, length, next rope)} as denoised against (plans included; a
+  context without keys has no segments, only its position)."""
+  out = []
+  for i, r in enumerate(reqs):
+    d = {}
+    for nm in names:
+      segs = [] if nm in r.positions else list(r.contexts[nm])
+      if plans is not None and nm in r.think_into:
+        segs.append(plans[i])
+      d[nm] = (segs, *where[(i, nm)][1:])
+    out.append(d)
+  return out
+
+
+def _to_pil(u8: np.ndarray):
+  from PIL import Image
+  return Image.fromarray(u8)
+
+
+__all__ = ["Inferencer", "CfgContext", "ImageInput", "load_image", "load_video", "preprocess_image", "preprocess_frames", "is_video",
            "to_uint8", "to_tensor", "ResizeRule",
            "vae_resize_rule", "vit_resize_rule", "check_image_size", "VLM_THINK_SYSTEM_PROMPT",
            "GEN_THINK_SYSTEM_PROMPT"]
