@@ -9,9 +9,10 @@ architecture among them).  `bagel_7b_mot()` and `bagel_tiny()` are presets.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
+
+from bagel_jax.jsonfile import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +142,7 @@ def bagel_tiny() -> BagelConfig:
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  if not path.is_file():
-    raise ConfigError(f"{path}: file not found")
-  try:
-    raw = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path}: invalid JSON ({e})") from None
-  except OSError as e:
-    raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
-  if not isinstance(raw, dict):
-    raise ConfigError(f"{path}: invalid JSON (not an object)")
-  return raw
+  return read_json(path, ConfigError, object_required="invalid JSON (not an object)")
 
 
 def _pick(cls: type, src: dict[str, Any], path: pathlib.Path, required: tuple[str, ...] = ()) -> Any:

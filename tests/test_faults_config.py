@@ -132,3 +132,20 @@ def test_unknown_key_names_the_closest():
   with pytest.raises(TrainConfigError, match=r"^unknown config key 'data.capacity.toknes'; did you mean "
                                              r"data.capacity.tokens\?$"):
     validate.check_keys(c)
+
+
+def test_config_file_without_get_config_or_broken_and_a_workdir_that_is_a_file(tmp_path, no_compile):
+  from bagel_jax.train.config import check_overrides
+  (tmp_path / "noget.py").write_text("x = 1\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  for name, start in (("noget.py", "has no get_config() function"), ("broken.py", ": SyntaxError: ")):
+    with pytest.raises(TrainConfigError) as e:
+      check_overrides(["train", "--config", str(tmp_path / name), "--workdir", "w"])
+    msg = str(e.value)
+    assert msg.startswith(f"config file {tmp_path / name}") and start in msg and "\n" not in msg, msg
+  (tmp_path / "afile").write_text("mine")
+  for workdir in (tmp_path / "afile", tmp_path / "afile" / "w"):
+    with pytest.raises(TrainConfigError) as e:
+      train.run(tiny(), workdir)
+    assert str(e.value) == f"--workdir {workdir}: {tmp_path / 'afile'} is a file, not a folder", str(e.value)
+  assert (tmp_path / "afile").read_text() == "mine"

@@ -85,3 +85,31 @@ def test_too_many_corrupt_records_stop_the_run_in_one_line():
   assert str(e.value).startswith("90 of 240 records read were corrupt or unreadable, more than "
                                  "data.max_skip_fraction=0.25") and "\n" not in str(e.value)
   check_skipped({"skipped": 50, "samples_per_group": {"0": 10}}, 0.25)  # too few records yet to judge
+
+
+def test_damaged_tfds_array_record_files(tmp_path):
+  """Flipped bytes inside an ArrayRecord shard: those records are skipped and counted. A truncated
+  shard (its index unreadable): one line naming the file, before anything is built."""
+  g = dict(format="tfds", name="bagel_shapes/small", split="train", data_dir=str(tmp_path / "tfds"), task="t2i",
+           caption_key="caption")
+  pipeline.make_source("t2i", g)  # prepares the dataset (256 train records, one shard)
+  shard = next((tmp_path / "tfds").rglob("bagel_shapes-train.array_record-*"))
+  whole = shard.read_bytes()
+  for offset in range(1000, len(whole) // 2, 4096):  # damages about a quarter of the records
+    flip_bytes(shard, offset, 8)
+  src = pipeline.make_source("t2i", g, build_tfds=False)
+  bad = [i for i in range(len(src)) if "__unreadable__" in src[i]]
+  assert 0 < len(bad) < len(src) and "Riegeli" in src[bad[0]]["__unreadable__"]
+  c = data_config(tmp_path)
+  c.groups = {"t2i": g}
+  it = iter(pipeline.make_pipeline(c, CFG, TOK, seed=0))
+  for _ in range(8):
+    _, info = next(it)
+  reasons = info["skip_reasons"]
+  assert info["skipped"] > 0 and sum(info["samples_per_group"].values()) > 0, info
+  assert reasons.get("SampleError", 0) > 0, reasons  # "unreadable record (RuntimeError: Corrupted Riegeli ...)"
+  shard.write_bytes(whole[: len(whole) // 2])
+  with pytest.raises(DataError) as e:
+    pipeline.make_source("t2i", g, build_tfds=False)
+  msg = str(e.value)
+  assert msg.startswith(f"data group 't2i': {shard}: unreadable ArrayRecord file (") and "\n" not in msg, msg

@@ -86,6 +86,8 @@ def test_broken_images_are_one_line(tmp_path):
     with pytest.raises(InferenceError) as e:
       load_image(tmp_path / name)
     assert str(e.value).startswith(f"{tmp_path / name}: ") and "\n" not in str(e.value), str(e.value)
+  with pytest.raises(InferenceError, match=r": is a folder, not an image file$"):
+    load_image(tmp_path)
 
 
 def test_awkward_image_modes_load_as_rgb(tmp_path):

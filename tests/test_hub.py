@@ -160,3 +160,30 @@ def test_converted_folder_plan(tmp_path):
   assert missing == []
   assert hub.plan_files(names - {"tokenizer.json"}, tmp_path)[1] == ["tokenizer.json"]
   assert hub.plan_files(names - {"tokenizer.json"}, tmp_path, need_tokenizer=False)[1] == []
+
+
+def test_repo_id_size_and_out_checked_before_the_weights_download(tmp_path, monkeypatch, capsys):
+  """--checkpoint ORG/NAME: --out is checked before any download, --size once the configs are
+  here and before any weights file is fetched, with the messages a local folder gets."""
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+  remote = tmp_path / "remote"
+  make_cache(tmp_path / "unused")  # (the fixture release, copied below as the Hub's files)
+  shutil.copytree(tmp_path / "unused" / ("models--" + REPO.replace("/", "--")) / "snapshots" / REV, remote)
+  fake = FakeHub(remote, tmp_path / "cache")
+  monkeypatch.setattr(hub, "list_files", fake.list_files)
+  monkeypatch.setattr(hub, "download", fake.download)
+  for size in ("30x32", "4096x4096"):
+    errs = []
+    for ckpt in (REPO, str(remote)):
+      rc = generate.main(["--checkpoint", ckpt, "--prompt", "x", "--size", size, "--out", str(tmp_path / "a.png")])
+      errs.append(capsys.readouterr().err.strip())
+      assert rc == 2 and len(errs[-1].splitlines()) == 1 and errs[-1].startswith(f"error: --size {size} "), errs[-1]
+    assert errs[0] == errs[1]
+  assert fake.calls and all(p == hub.SMALL_FILES for p, _ in fake.calls)  # no weights were fetched
+  assert not (tmp_path / "cache" / REPO.replace("/", "--") / "ema.safetensors").exists()
+  fake.calls.clear()
+  rc = generate.main(["--checkpoint", REPO, "--prompt", "x", "--out", str(tmp_path / "no" / "such.png")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err == f"error: --out {tmp_path / 'no' / 'such.png'}: the folder {tmp_path / 'no'} does not exist", err
+  assert fake.calls == []  # refused before any download

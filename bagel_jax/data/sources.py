@@ -207,7 +207,37 @@ def tfds_source(name: str, split: str, data_dir: str | None, build: bool = False
   if split not in builder.info.splits:
     raise DataError(f"TFDS dataset {name!r} has no split {split!r} (has {sorted(builder.info.splits)})")
   src = builder.as_data_source(split=split)
+  check_array_record_files(src)
   return src
+
+
+def check_array_record_files(src) -> None:
+  """Refuses, naming the file, a shard whose ArrayRecord index cannot be read (a truncated or
+  overwritten file): none of its records could be. A damaged chunk inside a readable file is
+  left to `GuardedSource` (that record is skipped and counted)."""
+  import concurrent.futures
+
+  from array_record.python import array_record_module
+  instructions = getattr(getattr(src, "data_source", None), "_read_instructions", None) or []
+
+  def check(ins) -> str | None:
+    try:
+      reader = array_record_module.ArrayRecordReader(os.fspath(ins.filename), "readahead_buffer_size:0")
+      try:
+        n = reader.num_records()
+      finally:
+        reader.close()
+    except Exception as e:  # noqa: BLE001 - the reader raises RuntimeError, OSError, ValueError
+      return f"{ins.filename}: unreadable ArrayRecord file ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+    if n < ins.end:
+      return (f"{ins.filename}: unreadable ArrayRecord file (its index lists {n} records, the dataset's metadata "
+              f"{ins.end}; the file is truncated or damaged: prepare the dataset again)")
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, max(1, len(instructions)))) as pool:
+    for problem in pool.map(check, instructions):
+      if problem:
+        raise DataError(problem)
 
 
 def _prepared(builder) -> bool:

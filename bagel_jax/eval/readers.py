@@ -10,6 +10,7 @@ import pathlib
 import sys
 from typing import Any
 
+from bagel_jax import jsonfile
 from bagel_jax.eval.core import EvalError, require_dir, require_file
 
 # pandas' default missing-value strings: upstream reads the TSVs with pandas, so these are "absent".
@@ -18,11 +19,7 @@ NA_STRINGS = frozenset(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-
 
 
 def read_json(path, what: str = "JSON file") -> Any:
-  path = require_file(path, what)
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise EvalError(f"{path}: not valid JSON ({e})") from None
+  return jsonfile.read_json(require_file(path, what), EvalError, what=what, invalid="not valid JSON")
 
 
 def read_jsonl(path, what: str = "JSON lines file") -> list[dict]:

@@ -44,11 +44,11 @@ def _chat(args) -> int:
   import jax.numpy as jnp
 
   from bagel_jax.inference import Inferencer, load_image, load_video
-  from bagel_jax.inference.cli_checks import checkpoint_config
+  from bagel_jax.inference.cli_checks import checkpoint_folder
 
-  checkpoint_config(args.checkpoint)  # before the weights are read
   images = [load_image(p) for p in args.image] + [load_video(v, args.frames) for v in args.video]
-  inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
+  folder = checkpoint_folder(args.checkpoint, need_tokenizer=args.tokenizer is None)  # a repo id: resolved here
+  inf = Inferencer.from_checkpoint(folder, tokenizer=args.tokenizer, quantize=args.quantize,
                                    dtype=None if args.dtype is None else getattr(jnp, args.dtype),
                                    attention_impl=args.attention)
   [answer] = inf.interleave_inference(images + [args.question], understanding_output=True, think=args.think,

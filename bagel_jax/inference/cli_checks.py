@@ -1,8 +1,9 @@
 """What the inference command lines check before loading any weights, and how they report a failure.
 
-    cfg = checkpoint_config(args.checkpoint)   # the folder exists and holds weights; its configs
     out = output_path(args.out)                # its folder exists and can be written
-    check_image_size(cfg, args.size, "--size") # (bagel_jax.inference.inferencer)
+    folder = checkpoint_folder(args.checkpoint, lambda cfg: check_image_size(cfg, args.size, "--size"))
+                                               # a folder holding weights and configs (a repo id:
+                                               # resolved, the check run before its weights download)
     save_png(image, out)                       # written beside `out`, then renamed: never half an image
     return reported(body)                      # one line and status 2 for a bad request or a fault
 """
@@ -13,21 +14,17 @@ import os
 import pathlib
 import sys
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 from bagel_jax.inference.errors import InferenceError
 
 WEIGHT_FILES = ("ema.safetensors", "ema.safetensors.index.json", "model.safetensors.index.json")
 
 
-def checkpoint_config(path: str):
-  """The BagelConfig of a release or converted folder (read from its small config files); None for
-  a Hugging Face repo id not on disk (its configs come with the download, checked then)."""
+def checkpoint_config(path: str | os.PathLike):
+  """The BagelConfig of a release or converted folder (read from its small config files)."""
   from bagel_jax.config import load_config
-  from bagel_jax.weights.hub import is_repo_id
   folder = pathlib.Path(path)
-  if not folder.exists() and is_repo_id(path):
-    return None
   if not folder.is_dir():
     raise InferenceError(f"--checkpoint {folder}: no such folder")
   cfg = load_config(folder)
@@ -35,6 +32,20 @@ def checkpoint_config(path: str):
     raise InferenceError(f"--checkpoint {folder}: no weights here (neither ema.safetensors of a release nor "
                          "state/ of a converted folder)")
   return cfg
+
+
+def checkpoint_folder(path: str, check: Callable[[Any], None] = lambda cfg: None,
+                      need_tokenizer: bool = True) -> pathlib.Path:
+  """The local folder of --checkpoint, `check(cfg)` run on its BagelConfig before any weights are
+  read. A Hugging Face repo id is resolved here (the cache, else the Hub): `check` runs once its
+  config files are here and before its weights are downloaded."""
+  from bagel_jax.config import load_config
+  from bagel_jax.weights.hub import is_repo_id, resolve_checkpoint
+  if is_repo_id(path):
+    return resolve_checkpoint(path, need_tokenizer=need_tokenizer,
+                              check_configs=lambda folder: check(load_config(folder)))
+  check(checkpoint_config(path))
+  return pathlib.Path(path)
 
 
 def output_path(path: str) -> pathlib.Path:

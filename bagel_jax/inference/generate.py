@@ -80,7 +80,7 @@ def _generate(args) -> int:
   import jax.numpy as jnp
 
   from bagel_jax.inference import InferenceError, Inferencer, load_image, taylorseer
-  from bagel_jax.inference.cli_checks import checkpoint_config, output_path, save_png
+  from bagel_jax.inference.cli_checks import checkpoint_folder, output_path, save_png
   from bagel_jax.inference.inferencer import check_image_size
 
   edit = bool(args.image)
@@ -90,13 +90,12 @@ def _generate(args) -> int:
   taylorseer.from_options(args.enable_taylorseer, fresh_threshold=args.fresh_threshold, max_order=args.max_order,
                           first_enhance=args.first_enhance, taylorseer_mode=args.taylorseer_mode,
                           fresh_tolerance=args.fresh_tolerance)
-  cfg = checkpoint_config(args.checkpoint)
   out = output_path(args.out)
-  if not edit and cfg is not None:
-    check_image_size(cfg, args.size, "--size")
   images = [load_image(p) for p in args.image]
+  size_check = (lambda cfg: None) if edit else (lambda cfg: check_image_size(cfg, args.size, "--size"))
+  folder = checkpoint_folder(args.checkpoint, size_check, need_tokenizer=args.tokenizer is None)  # a repo id: here
   t0 = time.time()
-  inf = Inferencer.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, quantize=args.quantize,
+  inf = Inferencer.from_checkpoint(folder, tokenizer=args.tokenizer, quantize=args.quantize,
                                    dtype=None if args.dtype is None else getattr(jnp, args.dtype),
                                    attention_impl=args.attention)
   print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -63,6 +63,8 @@ def load_image(path: str | pathlib.Path):
   """Opens an image file as RGB (upstream `pil_img2rgb`: transparency composited on white)."""
   from PIL import Image, UnidentifiedImageError
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise InferenceError(f"{path}: is a folder, not an image file")
   if not path.is_file():
     raise InferenceError(f"{path}: image file not found")
   try:

@@ -167,7 +167,13 @@ def check_overrides(args) -> None:
     raise TrainConfigError(f"config file {file} not found")
   spec = importlib.util.spec_from_file_location("_bagel_config", file)
   mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  try:
+    spec.loader.exec_module(mod)
+  except SyntaxError as e:
+    raise TrainConfigError(f"config file {file}: {type(e).__name__}: {e}") from None
+  if not callable(getattr(mod, "get_config", None)):
+    raise TrainConfigError(f"config file {file} has no get_config() function (an ml_collections config file "
+                           "defines get_config() returning the config)")
   cfg = mod.get_config(arg) if arg else mod.get_config()
   for a in args:
     if not a.startswith("--config."):

@@ -76,11 +76,21 @@ def check_values(config) -> None:
     raise TrainConfigError(f"model.attention={config.model.attention!r}: expected one of {IMPLS}")
 
 
+def check_workdir(workdir: pathlib.Path) -> None:
+  """--workdir is a folder or can become one (no file at it or at a parent)."""
+  for p in (workdir, *workdir.parents):
+    if p.exists():
+      if not p.is_dir():
+        raise TrainConfigError(f"--workdir {workdir}: {p} is a file, not a folder")
+      return
+
+
 def prepare(config, workdir) -> Setup:
   """Validates the config and builds the data pipeline; raises a one-line error before any compile."""
   from bagel_jax.data import pipeline
 
   check_values(config)
+  check_workdir(pathlib.Path(workdir))
   cfg = model_config(config)
   validate.check_capacity(config, cfg)
   validate.check_batch_memory(config, cfg, jax.process_count())

@@ -281,18 +281,40 @@ def train_parts(cfg, config, *, attention: str, remat: str, mix: RowMix, rows: i
   return model, tx, hp, state, batch, lay, params["vae"]
 
 
-def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
-         remat: str | None = None, layers: int | None = None, attention: str | None = None,
-         step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
-         flops: bool = True, top: int = 0, compiler_options: dict | None = None, out=print,
-         grad_accum_steps: int | None = None) -> dict[str, Any]:
-  """Compiles the train step abstractly and returns (and prints) the per-device figures.
+@dataclasses.dataclass(frozen=True)
+class PlanSetup:
+  """What every compile of one plan shares: the model config, dtypes, sharding and batch rows."""
+  config: Any
+  cfg: Any
+  preset: str
+  remat: str
+  attention: str
+  param_dtype: Any
+  dtype: Any
+  ema_on: bool
+  rules: Any
+  mesh: Any
+  accum: int
+  rows: int
+  mix: RowMix
+  compiler_options: dict | None
 
-  With gradient accumulation (`grad_accum_steps`, default the config's train.grad_accum_steps) a
-  step holds that many micro-batches of rows_per_shard rows per shard.
+  @property
+  def full_layers(self) -> int:
+    return self.cfg.llm.num_hidden_layers
 
-  Long by design: one report (state bytes, compiles at two depths, extrapolation, FLOPs) whose steps
-  share their intermediate figures."""
+  def build(self, n_layers: int, attn: str):
+    return train_parts(_with_layers(self.cfg, n_layers), self.config, attention=attn, remat=self.remat, mix=self.mix,
+                       rows=self.rows, param_dtype=self.param_dtype, dtype=self.dtype, grad_accum_steps=self.accum)
+
+  def compile(self, n_layers: int, attn: str):
+    m, tx, hp, state, batch, _, vae = self.build(n_layers, attn)
+    compiled, secs, _ = _compile(m, tx, hp, self.mesh, self.rules, state, batch, vae, self.compiler_options)
+    return compiled, secs
+
+
+def plan_setup(config, mesh_spec: str, preset: str | None, mix: RowMix, remat: str | None, attention: str | None,
+               rows_per_shard: int, grad_accum_steps: int | None, compiler_options: dict | None, out) -> PlanSetup:
   import jax.numpy as jnp
 
   from bagel_jax import config as C
@@ -303,106 +325,135 @@ def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, m
     cfg = getattr(C, preset)()
   else:
     cfg, preset = model_config_or_preset(config, out)
-  remat = remat or _get(config, "model.remat", default="full")
   attention = attention or "flash_xla"
   if attention in ("auto", "pallas_gpu", "pallas_tpu", "cudnn"):
     attention = "flash_xla"  # the kernels cannot compile for CPU; this has their memory profile
-  param_dtype = jnp.dtype(_get(config, "model.param_dtype", default="float32"))
-  dtype = jnp.dtype(_get(config, "model.dtype", default="bfloat16"))
-  ema_decay = float(_get(config, "train.ema_decay", default=0.9999)) or None
   overrides = _get(config, "train.sharding_rules", default=None)  # as the trainer applies them
   rules = shd.rules_with(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
   mesh = shd.make_mesh(mesh_spec)
   accum = int(grad_accum_steps or _get(config, "train.grad_accum_steps", default=1))
-  rows = rows_per_shard * shd.batch_shards(mesh, rules) * accum
-  full_layers = cfg.llm.num_hidden_layers
+  return PlanSetup(config=config, cfg=cfg, preset=preset, remat=remat or _get(config, "model.remat", default="full"),
+                   attention=attention, param_dtype=jnp.dtype(_get(config, "model.param_dtype", default="float32")),
+                   dtype=jnp.dtype(_get(config, "model.dtype", default="bfloat16")),
+                   ema_on=bool(float(_get(config, "train.ema_decay", default=0.9999))), rules=rules, mesh=mesh,
+                   accum=accum, rows=rows_per_shard * shd.batch_shards(mesh, rules) * accum, mix=mix,
+                   compiler_options=compiler_options)
 
-  def build(n_layers: int, attn: str):
-    return train_parts(_with_layers(cfg, n_layers), config, attention=attn, remat=remat, mix=mix, rows=rows,
-                       param_dtype=param_dtype, dtype=dtype, grad_accum_steps=accum)
 
-  out(f"plan: {preset}, mesh {shd.describe(mesh)} ({mesh.size} fake CPU devices), {rows} rows x {mix.tokens} "
-      f"tokens, remat={remat}, attention={attention}, params {param_dtype.name} / compute {dtype.name}, "
-      f"EMA {'on' if ema_decay is not None else 'off'}"
-      + (f", {accum} accumulated micro-batches of {rows // accum} rows (activations of one)" if accum > 1 else ""))
+def _describe_setup(s: PlanSetup, out) -> None:
+  from bagel_jax import sharding as shd
+  out(f"plan: {s.preset}, mesh {shd.describe(s.mesh)} ({s.mesh.size} fake CPU devices), {s.rows} rows x "
+      f"{s.mix.tokens} tokens, remat={s.remat}, attention={s.attention}, params {s.param_dtype.name} / compute "
+      f"{s.dtype.name}, EMA {'on' if s.ema_on else 'off'}"
+      + (f", {s.accum} accumulated micro-batches of {s.rows // s.accum} rows (activations of one)"
+         if s.accum > 1 else ""))
 
-  # exact per-device state bytes at full depth (no compile)
-  model, tx, hp, state, batch, lay, vae = build(full_layers, attention)
-  ss = shd.train_state_shardings(state, mesh, rules)
-  st = shd.abstract_with_shardings(state, ss)
-  b_params = _bytes_per_device(st.params)
-  b_opt = _bytes_per_device(st.opt_state)
-  b_ema = _bytes_per_device(st.ema) if st.ema is not None else 0
-  b_vae = _bytes_per_device(shd.abstract_with_shardings(vae, shd.replicated(vae, mesh)))
-  b_batch = _bytes_per_device(shd.abstract_with_shardings(batch, shd.batch_shardings(batch, mesh, rules)))
+
+def state_bytes(s: PlanSetup, parts, out) -> dict[str, int]:
+  """Exact per-device bytes of the parameters, optimizer state, EMA, VAE and batch at full depth (no compile)."""
+  from bagel_jax import sharding as shd
+  _, _, _, state, batch, lay, vae = parts
+  st = shd.abstract_with_shardings(state, shd.train_state_shardings(state, s.mesh, s.rules))
+  b = {"params": _bytes_per_device(st.params), "optimizer": _bytes_per_device(st.opt_state),
+       "ema": _bytes_per_device(st.ema) if st.ema is not None else 0,
+       "vae": _bytes_per_device(shd.abstract_with_shardings(vae, shd.replicated(vae, s.mesh))),
+       "batch": _bytes_per_device(shd.abstract_with_shardings(batch, shd.batch_shardings(batch, s.mesh, s.rules)))}
   nl = int(lay.vae_indexes.shape[1]); nv = int(lay.vit_indexes.shape[1]); nc = int(lay.ce_indexes.shape[1])
+  mix = s.mix
   out(f"row: {mix.tokens} tokens = {nl} VAE latent tokens ({mix.gen_images} images {mix.gen_side}px), "
       f"{nv} ViT tokens ({mix.und_images} images {mix.und_side}px), {nc} CE tokens, rest text")
+  return b
 
-  if layers is None or layers >= full_layers:
-    compiled, secs, _ = _compile(model, tx, hp, mesh, rules, state, batch, vae, compiler_options)
-    ma = compiled.memory_analysis()
-    temp, arg, outb, alias = ma.temp_size_in_bytes, ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes
-    how = f"compiled at full depth ({full_layers} layers) in {secs:.0f} s"
-    for nbytes, what, where in largest_buffers(compiled, top) if top else ():
-      out(f"  [largest] {nbytes / GIB:7.2f} GiB  {what}  {where}")
-  else:
-    k1, k2 = max(layers, 2), 2 * max(layers, 2)  # a 1-layer scan is inlined: not on the line
-    res = []
-    for k in (k1, k2):
-      m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, attention)
-      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k, compiler_options)
-      res.append((c.memory_analysis(), secs))
-    (m1, s1), (m2, s2) = res
-    per_layer = (m2.temp_size_in_bytes - m1.temp_size_in_bytes) / (k2 - k1)
-    temp = int(m1.temp_size_in_bytes + per_layer * (full_layers - k1))
-    # arguments/outputs: exact state + batch bytes at full depth
-    arg = b_params + b_opt + b_ema + b_vae + b_batch + 5 * 8
-    outb = b_params + b_opt + b_ema + 64
-    alias = outb
-    how = (f"EXTRAPOLATED: compiled with {k1} and {k2} decoder layers ({s1:.0f} s, {s2:.0f} s), "
-           f"temporaries scaled linearly to {full_layers} layers ({per_layer / GIB:.2f} GiB per layer)")
-  total = arg + outb - alias + temp
-  fig = {"params": b_params, "optimizer": b_opt, "ema": b_ema, "vae": b_vae, "batch": b_batch,
-         "arguments": arg, "outputs": outb, "aliased": alias, "activations_and_temps": temp, "total": total}
+
+def memory_full_depth(s: PlanSetup, parts, top: int, out) -> tuple[dict[str, int], str]:
+  """The compiler's argument, output, aliased and temporary bytes of the full-depth step."""
+  model, tx, hp, state, batch, _, vae = parts
+  compiled, secs, _ = _compile(model, tx, hp, s.mesh, s.rules, state, batch, vae, s.compiler_options)
+  ma = compiled.memory_analysis()
+  m = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+       "aliased": ma.alias_size_in_bytes, "activations_and_temps": ma.temp_size_in_bytes}
+  for nbytes, what, where in largest_buffers(compiled, top) if top else ():
+    out(f"  [largest] {nbytes / GIB:7.2f} GiB  {what}  {where}")
+  return m, f"compiled at full depth ({s.full_layers} layers) in {secs:.0f} s"
+
+
+def memory_extrapolated(s: PlanSetup, layers: int, b: dict[str, int]) -> tuple[dict[str, int], str]:
+  """Temporaries from K and 2K layer compiles scaled linearly to full depth; arguments and outputs exact."""
+  k1, k2 = max(layers, 2), 2 * max(layers, 2)  # a 1-layer scan is inlined: not on the line
+  (m1, s1), (m2, s2) = ((c.memory_analysis(), secs) for c, secs in (s.compile(k, s.attention) for k in (k1, k2)))
+  per_layer = (m2.temp_size_in_bytes - m1.temp_size_in_bytes) / (k2 - k1)
+  state = b["params"] + b["optimizer"] + b["ema"]
+  m = {"arguments": state + b["vae"] + b["batch"] + 5 * 8, "outputs": state + 64, "aliased": state + 64,
+       "activations_and_temps": int(m1.temp_size_in_bytes + per_layer * (s.full_layers - k1))}
+  return m, (f"EXTRAPOLATED: compiled with {k1} and {k2} decoder layers ({s1:.0f} s, {s2:.0f} s), "
+             f"temporaries scaled linearly to {s.full_layers} layers ({per_layer / GIB:.2f} GiB per layer)")
+
+
+def report_memory(fig: dict, how: str, param_dtype, out) -> None:
   out(f"memory per device ({how}):")
-  out(f"  parameters      {b_params / GIB:8.2f} GiB  (trainable bagel tree, {param_dtype.name})")
-  out(f"  optimizer       {b_opt / GIB:8.2f} GiB")
-  out(f"  EMA             {b_ema / GIB:8.2f} GiB")
-  out(f"  VAE (frozen)    {b_vae / GIB:8.2f} GiB  (replicated)")
-  out(f"  batch           {b_batch / GIB:8.2f} GiB")
-  out(f"  arguments       {arg / GIB:8.2f} GiB  (memory_analysis; donated state is aliased to the outputs)")
-  out(f"  temporaries     {temp / GIB:8.2f} GiB  (activations, gradients, workspace)")
-  out(f"  total           {total / GIB:8.2f} GiB  = arguments + outputs - aliased + temporaries")
-  fits = total <= 80e9
-  out(f"  fits in 80 GB:  {'yes' if fits else 'NO'} ({total / 1e9:.1f} GB)")
-  fig["fits_80gb"] = fits
+  out(f"  parameters      {fig['params'] / GIB:8.2f} GiB  (trainable bagel tree, {param_dtype.name})")
+  out(f"  optimizer       {fig['optimizer'] / GIB:8.2f} GiB")
+  out(f"  EMA             {fig['ema'] / GIB:8.2f} GiB")
+  out(f"  VAE (frozen)    {fig['vae'] / GIB:8.2f} GiB  (replicated)")
+  out(f"  batch           {fig['batch'] / GIB:8.2f} GiB")
+  out(f"  arguments       {fig['arguments'] / GIB:8.2f} GiB  (memory_analysis; donated state is aliased to the outputs)")
+  out(f"  temporaries     {fig['activations_and_temps'] / GIB:8.2f} GiB  (activations, gradients, workspace)")
+  out(f"  total           {fig['total'] / GIB:8.2f} GiB  = arguments + outputs - aliased + temporaries")
+  out(f"  fits in 80 GB:  {'yes' if fig['fits_80gb'] else 'NO'} ({fig['total'] / 1e9:.1f} GB)")
 
+
+def flops_report(s: PlanSetup, lay, step_time: float | None, peak_tflops: float, out) -> dict[str, float]:
+  """Compiled (XLA) and model FLOPs per step per device, and the MFU a step time means."""
+  # XLA counts a while body once: measure 0- and 1-layer models and scale per layer.
+  fl = []
+  for k in (0, 1):
+    ca = s.compile(k, "reference")[0].cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    fl.append(float(ca.get("flops", 0.0)))
+  xla_dev = fl[0] + s.full_layers * (fl[1] - fl[0])
+  mf = model_flops(s.cfg, lay, s.rows)
+  per_dev_model = mf["model_flops"] / s.mesh.size
+  fig = dict(xla_flops_per_device=xla_dev, model_flops_per_device=per_dev_model)
+  out(f"FLOPs per step per device: compiled {xla_dev / 1e12:.1f} TFLOP (XLA cost analysis with dense "
+      f"attention and remat recomputation; layer cost from 0/1-layer compiles x {s.full_layers}); "
+      f"model {per_dev_model / 1e12:.1f} TFLOP (6 x active matmul params x tokens + exact visible attention pairs, "
+      f"attention share {mf['llm_attention_share']:.0%})")
+  if step_time:
+    fig["mfu"] = mfu = per_dev_model / (step_time * peak_tflops * 1e12)
+    out(f"MFU at {step_time:g} s/step and {peak_tflops:g} TFLOP/s peak: {mfu:.1%} "
+        f"(model FLOPs; {s.mix.tokens * s.rows / step_time / s.mesh.size:.0f} tokens/s/device)")
+  else:
+    for st_ in (5.0, 10.0, 20.0):
+      out(f"  MFU at {st_:4.1f} s/step ({peak_tflops:g} TFLOP/s peak): {per_dev_model / (st_ * peak_tflops * 1e12):.1%}")
+  return fig
+
+
+def plan(config=None, mesh_spec: str = "fsdp=8", *, preset: str | None = None, mix: RowMix = RowMix(),
+         remat: str | None = None, layers: int | None = None, attention: str | None = None,
+         step_time: float | None = None, peak_tflops: float = 989.0, rows_per_shard: int = 1,
+         flops: bool = True, top: int = 0, compiler_options: dict | None = None, out=print,
+         grad_accum_steps: int | None = None) -> dict[str, Any]:
+  """Compiles the train step abstractly and returns (and prints) the per-device figures: state
+  bytes, the compiler's memory (at full depth, or extrapolated from `layers` and 2 x `layers`),
+  and FLOPs.
+
+  With gradient accumulation (`grad_accum_steps`, default the config's train.grad_accum_steps) a
+  step holds that many micro-batches of rows_per_shard rows per shard."""
+  s = plan_setup(config, mesh_spec, preset, mix, remat, attention, rows_per_shard, grad_accum_steps,
+                 compiler_options, out)
+  _describe_setup(s, out)
+  parts = s.build(s.full_layers, s.attention)
+  fig: dict[str, Any] = state_bytes(s, parts, out)
+  if layers is None or layers >= s.full_layers:
+    mem, how = memory_full_depth(s, parts, top, out)
+  else:
+    mem, how = memory_extrapolated(s, layers, fig)
+  fig.update(mem)
+  fig["total"] = fig["arguments"] + fig["outputs"] - fig["aliased"] + fig["activations_and_temps"]
+  fig["fits_80gb"] = fig["total"] <= 80e9
+  report_memory(fig, how, s.param_dtype, out)
   if flops:
-    # XLA counts a while body once: measure 0- and 1-layer models and scale per layer.
-    fl = []
-    for k in (0, 1):
-      m_k, tx_k, hp_k, s_k, b_k, _, v_k = build(k, "reference")
-      c, secs, _ = _compile(m_k, tx_k, hp_k, mesh, rules, s_k, b_k, v_k, compiler_options)
-      ca = c.cost_analysis()
-      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-      fl.append(float(ca.get("flops", 0.0)))
-    xla_dev = fl[0] + full_layers * (fl[1] - fl[0])
-    mf = model_flops(cfg, lay, rows)
-    per_dev_model = mf["model_flops"] / mesh.size
-    fig.update(xla_flops_per_device=xla_dev, model_flops_per_device=per_dev_model)
-    out(f"FLOPs per step per device: compiled {xla_dev / 1e12:.1f} TFLOP (XLA cost analysis with dense "
-        f"attention and remat recomputation; layer cost from 0/1-layer compiles x {full_layers}); "
-        f"model {per_dev_model / 1e12:.1f} TFLOP (6 x active matmul params x tokens + exact visible attention pairs, "
-        f"attention share {mf['llm_attention_share']:.0%})")
-    if step_time:
-      mfu = per_dev_model / (step_time * peak_tflops * 1e12)
-      fig["mfu"] = mfu
-      out(f"MFU at {step_time:g} s/step and {peak_tflops:g} TFLOP/s peak: {mfu:.1%} "
-          f"(model FLOPs; {mix.tokens * rows / step_time / mesh.size:.0f} tokens/s/device)")
-    else:
-      for st_ in (5.0, 10.0, 20.0):
-        out(f"  MFU at {st_:4.1f} s/step ({peak_tflops:g} TFLOP/s peak): {per_dev_model / (st_ * peak_tflops * 1e12):.1%}")
+    fig.update(flops_report(s, parts[5], step_time, peak_tflops, out))
   return fig
 
 

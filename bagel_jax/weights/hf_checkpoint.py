@@ -8,11 +8,11 @@ time with `pread` (`SafetensorsFile`), so host memory holds one tensor, not a sh
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import numpy as np
 
+from bagel_jax import jsonfile
 from bagel_jax.weights.errors import CheckpointError
 from bagel_jax.weights.safetensors_io import SafetensorsFile, TensorEntry
 
@@ -22,15 +22,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
 def read_json(path: pathlib.Path, what: str = "file") -> dict:
-  if not path.is_file():
-    raise CheckpointError(f"{path}: {what} not found")
-  try:
-    data = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-  if not isinstance(data, dict):
-    raise CheckpointError(f"{path}: expected a JSON object")
-  return data
+  return jsonfile.read_json(path, CheckpointError, what=what, object_required="expected a JSON object")
 
 
 def _index_files(index: pathlib.Path) -> dict[str, pathlib.Path]:

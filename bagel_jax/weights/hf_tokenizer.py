@@ -26,6 +26,7 @@ import pathlib
 from typing import Any
 
 from bagel_jax.config import SpecialTokens
+from bagel_jax.jsonfile import read_json
 from bagel_jax.tokenizer import SPECIAL_NAMES, TokenizerError
 
 SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -70,10 +71,7 @@ def _content(tok: Any) -> str | None:
 
 
 def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise TokenizerError(f"{path}: invalid JSON ({e})") from None
+  return read_json(path, TokenizerError)
 
 
 def _base_vocab(folder: pathlib.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:

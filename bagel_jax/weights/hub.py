@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import re
-from typing import AbstractSet as Set, Sequence
+from typing import AbstractSet as Set, Callable, Sequence
 
 from bagel_jax.weights.errors import CheckpointError
 
@@ -156,23 +156,32 @@ def _cached(spec: str, repo: str, revision: str | None, need_tokenizer: bool) ->
   return None if missing else folder
 
 
-def resolve_checkpoint(spec: str | os.PathLike, *, need_tokenizer: bool = True) -> pathlib.Path:
-  """A local path as is; a repo id as its snapshot folder (cached, else downloaded unless offline)."""
+def resolve_checkpoint(spec: str | os.PathLike, *, need_tokenizer: bool = True,
+                       check_configs: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
+  """A local path as is; a repo id as its snapshot folder (cached, else downloaded unless offline).
+
+  check_configs: called with a folder holding the repo's config files once they are here and
+  before any weights file is fetched (a request the model cannot serve costs no weights download).
+  """
   if not is_repo_id(spec):
     return pathlib.Path(spec)
+  check = check_configs or (lambda folder: None)
   spec = str(spec)
   repo, _, revision = spec.partition("@")
   revision = revision or None
   folder = _cached(spec, repo, revision, need_tokenizer)
   if folder is not None:
+    check(folder)
     return folder
   with _hub_errors(spec):
     names = set(list_files(repo, revision))
     small = download(repo, revision, SMALL_FILES, local_only=False)
     wanted, missing = plan_files(names, small, need_tokenizer)
-    if missing:
-      raise CheckpointError(f"{spec}: the repo has no {', '.join(missing)} (not a BAGEL release or converted "
-                            "folder)")
+  if missing:
+    raise CheckpointError(f"{spec}: the repo has no {', '.join(missing)} (not a BAGEL release or converted "
+                          "folder)")
+  check(small)
+  with _hub_errors(spec):
     return download(repo, revision, wanted, local_only=False)
 
 
