@@ -230,7 +230,11 @@ def _signal_after(n: int, sig: int):
     count[0] += 1
     if count[0] == n:
       os.kill(os.getpid(), sig)
-      time.sleep(0.5)  # the writer keeps going until the main thread cancels it
+    if count[0] >= n:
+      # Every later piece is slow too, until the main thread has taken the signal and cancelled the
+      # writer (a loaded machine may not run the main thread for a while): the signal always lands
+      # mid-conversion, never after it.
+      time.sleep(0.5)
   return on_piece
 
 
@@ -238,10 +242,10 @@ def _signal_after(n: int, sig: int):
 def test_interrupted_conversion_leaves_nothing(tmp_path, sig):
   dst = tmp_path / "out"
   seen = []
-  cb = _signal_after(20, sig)
+  cb = _signal_after(5, sig)
   with pytest.raises(KeyboardInterrupt):
     convert(FIXTURE_DIR, dst, progress=False, on_piece=lambda k, n: (seen.append(k), cb(k, n)))
-  assert len(seen) >= 20  # it stopped while writing (all pieces may be queued by then: it is a small model)
+  assert len(seen) >= 5  # it stopped while writing
   assert_nothing_left(dst)
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or sig == signal.SIGINT
 

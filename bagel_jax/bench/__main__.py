@@ -18,6 +18,9 @@ def commands() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the command line: CPU benchmarks run with the trainer's host heap
+    from bagel_jax import host_heap
+    host_heap.reexec_with_steady_heap()
   argv = sys.argv[1:] if argv is None else argv
   names = commands()
   if not argv or argv[0] in ("-h", "--help"):

@@ -32,7 +32,9 @@ PHASES = ("vae", "forward", "backward", "update", "step")
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m bagel_jax.bench train", description=__doc__.splitlines()[0])
-  p.add_argument("--attention", default="auto", help="comma-separated attention backends, timed interleaved")
+  p.add_argument("--attention", default="auto",
+                 help="comma-separated variants IMPL[:unroll] (an attention backend; ':unroll' = model.unroll_layers), "
+                      "timed interleaved")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--no-parts", action="store_true", help="time only the whole step (half the compile time)")
   p.add_argument("--seed", type=int, default=0)
@@ -114,12 +116,21 @@ def _parts(model, tx, hp, state, vae, batch) -> dict:
           "grad": lambda: compiled["grad"](state.params, mb), "update": lambda: compiled["update"](state, grads)}
 
 
-def _setup(impl: str, args, cfg, batch) -> dict:
+def parse_variant(variant: str) -> tuple[str, bool]:
+  """"IMPL" or "IMPL:unroll" -> (attention backend, unroll_layers); ValueError on anything else."""
+  impl, _, opt = variant.strip().partition(":")
+  if opt not in ("", "unroll"):
+    raise ValueError(f"--attention: {variant.strip()!r}: the only option after ':' is 'unroll'")
+  return impl, opt == "unroll"
+
+
+def _setup(variant: str, args, cfg, batch) -> dict:
   import jax
 
   from bagel_jax.api import BagelModel
   from bagel_jax.train import step as ts
-  model = BagelModel(cfg, attention_impl=impl)
+  impl, unroll = parse_variant(variant)
+  model = BagelModel(cfg, attention_impl=impl, unroll_layers=unroll)
   params = model.init(jax.random.key(args.seed))
   tx = workload_tx()
   hp = ts.StepConfig(ema_decay=0.9999)
@@ -188,9 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     print("--reps must be at least 1", file=sys.stderr)
     return 2
   from bagel_jax.attention import IMPLS
-  for impl in args.attention.split(","):
-    if impl.strip() not in IMPLS:
-      print(f"--attention: unknown backend {impl.strip()!r}; expected one of {', '.join(IMPLS)}", file=sys.stderr)
+  for variant in args.attention.split(","):
+    try:
+      impl, _ = parse_variant(variant)
+    except ValueError as e:
+      print(e, file=sys.stderr)
+      return 2
+    if impl not in IMPLS:
+      print(f"--attention: unknown backend {impl!r}; expected one of {', '.join(IMPLS)}", file=sys.stderr)
       return 2
   out = run(args)
   print(table(out))
