@@ -233,3 +233,21 @@ def test_video_frames_for_generation_pack_as_upstream():
   lay = L.pack([[clip]], L.Capacity(tokens=32), CFG.tokens, max_patches_per_side=8, max_latent_size=8)
   np.testing.assert_array_equal(lay.rope_ids[0, :15], [0] * 6 + [4] * 6 + [5, 6, 7])
   np.testing.assert_array_equal(L.dense_mask_np(lay)[:15, :15], _upstream_dense_mask([[(12, "full"), (3, "causal")]]))
+
+
+def test_missing_pyav_stops_the_run_instead_of_skipping_every_clip(monkeypatch):
+  """Without PyAV no video record can be read: that is one error, not a skipped record per clip."""
+  import builtins
+
+  from bagel_jax.data import video
+
+  real_import = builtins.__import__
+
+  def no_av(name, *args, **kwargs):
+    if name == "av":
+      raise ImportError("No module named 'av'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_av)
+  with pytest.raises(video.PyAVMissing, match=r"needs PyAV"):
+    video._open(b"not a clip")

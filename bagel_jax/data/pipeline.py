@@ -33,7 +33,7 @@ from bagel_jax.data import samples as S
 from bagel_jax.data.packing import PackBatches, PackSpec
 from bagel_jax.data.sources import UNREADABLE, DataError, GuardedSource, JsonlSource, ParquetSource, tfds_source
 from bagel_jax.data.transforms import DEFAULT_MAX_PIXELS, ImageTransform
-from bagel_jax.data.video import FrameSampler, frame_indices
+from bagel_jax.data.video import FrameSampler, PyAVMissing, frame_indices
 
 FORMATS = ("t2i_parquet", "edit_parquet", "vlm_jsonl", "tfds")
 TASKS = ("t2i", "vlm", "qa")
@@ -52,6 +52,8 @@ class ParseRecord:
   def __call__(self, rec: Any, rng: np.random.Generator):
     try:
       return self.parse(rec, rng)
+    except PyAVMissing:
+      raise  # not a bad record: no video record could be read
     except Exception as e:  # noqa: BLE001 -- any bad record is skipped and counted, never fatal
       return S.Skipped(self.group, f"{type(e).__name__}: {e}")
 

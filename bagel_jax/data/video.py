@@ -29,6 +29,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bagel_jax.data.sources import DataError
+
+
+class PyAVMissing(DataError):
+  """PyAV is not installed: every video record would fail, so the run stops instead of skipping them."""
+
 
 class VideoError(ValueError):
   """A clip that cannot give its frames (unreadable, truncated, no frames)."""
@@ -68,7 +74,7 @@ def _open(clip: Any):
   try:
     import av
   except ImportError:
-    raise VideoError("reading video needs PyAV: pip install -e '.[video]'") from None
+    raise PyAVMissing("reading video needs PyAV: pip install -e '.[video]'") from None
   return av.open(io.BytesIO(bytes(clip)) if isinstance(clip, (bytes, bytearray, memoryview)) else str(clip))
 
 
