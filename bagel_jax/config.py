@@ -25,6 +25,7 @@ class LLMConfig:
   num_key_value_heads: int = 4
   rms_norm_eps: float = 1e-6
   rope_theta: float = 1_000_000.0
+  max_position_embeddings: int = 32768  # the rope positions the model was trained for (upstream's Qwen2 config)
   qk_norm: bool = True
   tie_word_embeddings: bool = False
   layer_module: str = "Qwen2MoTDecoderLayer"

@@ -106,3 +106,35 @@ def test_cli_errors(tmp_path, capsys):
   assert rc == 2 and "at least 2" in capsys.readouterr().err
   rc = chat.main(["--checkpoint", str(FIXTURE_DIR), "--question", "what?"])  # the fixture has no tokenizer.json
   assert rc == 2 and str(FIXTURE_DIR / "tokenizer.json") in capsys.readouterr().err
+
+
+@pytest.fixture()
+def short_context_inf(inf):
+  """The fixture model with max_position_embeddings 40 (its own llm_config.json says 32768)."""
+  import dataclasses
+  cfg = dataclasses.replace(inf.cfg, llm=dataclasses.replace(inf.cfg.llm, max_position_embeddings=40))
+  return Inferencer(inf.model, inf.params, inf.tokenizer), cfg
+
+
+def test_prompt_beyond_max_position_embeddings(short_context_inf, monkeypatch):
+  short, cfg = short_context_inf
+  monkeypatch.setattr(short, "cfg", cfg)
+  assert load_config(FIXTURE_DIR).llm.max_position_embeddings == 32768  # read from llm_config.json
+  calls = []
+  monkeypatch.setattr(short, "_timed_prefill", lambda *a: calls.append(a))  # nothing runs once refused
+  long_prompt = "a cat " * 30
+  with pytest.raises(InferenceError) as e:
+    short.interleave_inference([long_prompt], understanding_output=True, max_think_token_n=4)
+  msg = _one_line(e)
+  assert "max_position_embeddings is 40" in msg and "4 text tokens" in msg and "request 0" in msg
+  with pytest.raises(InferenceError) as e:  # the think budget alone pushes a short prompt past the limit
+    short.interleave_inference(["a cat"], think=True, max_think_token_n=64, image_shapes=(32, 32), num_timesteps=3)
+  assert "64 text tokens + 1 for the image" in _one_line(e)
+  assert not calls
+
+
+def test_prompt_within_max_position_embeddings_runs(short_context_inf, monkeypatch):
+  short, cfg = short_context_inf
+  monkeypatch.setattr(short, "cfg", cfg)
+  out = short.interleave_inference(["a cat"], understanding_output=True, max_think_token_n=4)
+  assert len(out) == 1

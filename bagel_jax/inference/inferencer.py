@@ -468,6 +468,7 @@ class Inferencer:
     if not understanding_output:
       for i, r in enumerate(reqs):
         r.image_shape = check_image_size(self.cfg, r.image_shape if output_shapes is None else output_shapes[i])
+    check_positions(self.cfg, reqs, names, int(max_think_token_n) if text_out else 0, not understanding_output)
     self.timing = {}
     cache, where = self._timed_prefill(reqs, names, kc.bucket(max_think_token_n) if text_out else 0, record)
     results: list[list] = [[] for _ in reqs]
@@ -593,6 +594,22 @@ class _Sampling:
   key: jax.Array
   progress: bool | Callable
   record: bool
+
+
+def check_positions(cfg: BagelConfig, reqs: Sequence[RequestContexts], names: Sequence[str], text_tokens: int,
+                    image: bool) -> None:
+  """Refuses requests whose contexts, plus the text to generate (each token one rope position) and
+  the image (one position), reach past the LLM's `max_position_embeddings`: upstream would run them
+  at positions the model never saw."""
+  limit = cfg.llm.max_position_embeddings
+  _, where = plan_rows(reqs, names)
+  for (i, name), (_, _, rope) in sorted(where.items()):
+    need = rope + text_tokens + int(image)
+    if need > limit:
+      what = " + ".join(x for x in (f"{rope} in the {name} context", f"{text_tokens} text tokens" if text_tokens else "",
+                                    "1 for the image" if image else "") if x)
+      raise InferenceError(f"request {i} needs {need} rope positions ({what}); the model's max_position_embeddings "
+                           f"is {limit} (llm_config.json): shorten the prompt or lower the token limit")
 
 
 def _context_names(settings: flow.FlowSettings, understanding: bool) -> list[str]:

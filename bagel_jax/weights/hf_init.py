@@ -114,7 +114,7 @@ def llm_config(hf: dict, path: pathlib.Path, args: HFInitArgs, rows: int) -> LLM
   return LLMConfig(vocab_size=rows, hidden_size=int(hf["hidden_size"]), intermediate_size=int(hf["intermediate_size"]),
                    num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads, num_key_value_heads=kv,
                    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(hf.get("rope_theta", 10000.0)),
-                   qk_norm=args.llm_qk_norm, tie_word_embeddings=args.tie_word_embeddings)
+                   max_position_embeddings=int(hf.get("max_position_embeddings", 32768)), qk_norm=args.llm_qk_norm, tie_word_embeddings=args.tie_word_embeddings)
 
 
 def siglip_fields(raw: dict) -> dict:
