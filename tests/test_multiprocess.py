@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bagel_jax import sharding as shd
-from tests.train_fixtures import reference_run, tiny_params
+from tests.train_fixtures import FAST_XLA, reference_run, tiny_params
 
 # Both tests start 2 processes x 4 devices: run them one after the other on one xdist worker
 # (`--dist loadgroup`), never side by side.
@@ -84,7 +84,7 @@ def test_train_cli_on_two_processes(tmp_path):
   (data=2 x fsdp=4, each process feeding its half of the rows), saving from all processes, then
   the same command resumes from the last checkpoint."""
   cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", XLA_FLAGS=FAST_XLA)
   work = tmp_path / "run"
 
   def launch(steps: int) -> str:

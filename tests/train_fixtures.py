@@ -62,6 +62,7 @@ from bagel_jax.train.step import StepConfig, init_train_state, train_step  # noq
 ROWS = 8  # divisible by every batch sharding the tests use (data x fsdp = 4 or 8)
 # Tests compile with LLVM's cheap settings: same numbers, ~2.5x less compile time on CPU.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_XLA = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())  # the same, for child processes
 HP = StepConfig(ema_decay=0.9)
 
 
