@@ -29,7 +29,9 @@ def get_config():
   c.tokenizer = "shapes"
   c.data.groups = shapes_groups("bagel_shapes", t2i_weight=2.0, qa_turns="all")
   c.data.rows = 4
-  c.data.capacity = dict(tokens=128, und=128, gen=80, vit=80, vae=80, ce=40, vae_images=5)
+  # Every row packs two captions' images and one image's questions (the 2:1 mix, at most 111 tokens):
+  # capacities sized to that row, not to the worst case, since the step's cost follows the capacities.
+  c.data.capacity = dict(tokens=120, und=88, gen=32, vit=16, vae=32, ce=16, vae_images=2)
   c.data.expected_tokens = 112
   c.data.vae_max_size, c.data.vae_min_size = 32, 32  # 4 x 4 latent tokens
   c.data.vit_max_size, c.data.vit_min_size = 32, 32  # 4 x 4 ViT patches
