@@ -36,6 +36,10 @@ def test_gpu_tiles_follow_compute_capability(monkeypatch):
   assert bs.block_q == 64
   bs = pallas_gpu.default_block_sizes(jnp.float32, a100)  # fp32 halves (not below 16)
   assert (bs.block_q, bs.block_k, bs.block_q_bwd, bs.block_k_bwd) == (32, 16, 16, 32)
+  # B200 has its own entry (its compiler refuses sm_90's 128-row backward tiles), not the nearest lower one.
+  bs = pallas_gpu.default_block_sizes(jnp.bfloat16, target.Device("gpu", "NVIDIA B200", 10.0))
+  want = tiles.GPU[10.0]
+  assert (bs.block_q_bwd, bs.block_k_bwd) == (want.block_q_bwd, want.block_k_bwd) != (128, 128)
 
 
 GB = 10**9

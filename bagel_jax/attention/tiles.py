@@ -41,20 +41,23 @@ TPU_DEFAULT = TpuTiles(512, 512, 256, 256)
 GPU_DEFAULT = GpuTiles(128, 64, 64, 64)
 
 # generation -> tiles (forward block_q, block_k; backward block_q, block_k), from
-# `python -m bagel_jax.bench tiles --target v4:1x1x1 --target v5e:1x1 --target v5p:1x1x1 --target v6e:1x1`
-# (2026-12-02; the table and the model in docs/benchmarks.md).  tpu7x was not swept: TPU_DEFAULT.
+# `python -m bagel_jax.bench tiles --target v4:1x1x1 --target v5e:1x1 --target v5p:1x1x1 --target v6e:1x1
+# --target tpu7x:1x1x1` (2026-12-02; the table and the model in docs/benchmarks.md).
 TPU = {
     "v4": TpuTiles(1024, 1024, 1024, 512),
     "v5e": TpuTiles(1024, 512, 512, 512),
     "v5p": TpuTiles(1024, 1024, 1024, 512),
     "v6e": TpuTiles(1024, 1024, 1024, 512),
+    "tpu7x": TpuTiles(1024, 1024, 1024, 512),
 }
 
-# compute capability -> tiles, from `python -m bagel_jax.bench tiles --target a100-80:1 --target h100:1`
-# (sm_80: A100; sm_90: H100 / H200; sm_100 (B200) was not swept and uses sm_90's).
+# compute capability -> tiles, from `python -m bagel_jax.bench tiles --target a100-80:1 --target h100:1
+# --target b200:1` (sm_80: A100; sm_90: H100 / H200; sm_100: B200, whose compiler refuses sm_90's 128 x 128
+# and 128 x 64 backward tiles: shared memory).
 GPU = {
     8.0: GpuTiles(128, 64, 128, 64),
     9.0: GpuTiles(128, 64, 128, 128),
+    10.0: GpuTiles(128, 64, 64, 64),
 }
 
 
