@@ -2,9 +2,10 @@
 
 Runs `python -m bagel_jax.train --config configs/tiny.py` (12 steps, a checkpoint every 4) in
 subprocesses sharing one TFDS folder and one persistent compilation cache, so only the first
-run compiles. The uninterrupted run is the reference: every interrupted, damaged or resumed
-run must log the same losses at every step, exactly one metrics row per step (metrics.jsonl
-and TensorBoard), and end with the same final state (the fingerprints of every array).
+run compiles (one CPU device, LLVM's cheap settings). The uninterrupted run is the reference:
+every interrupted, damaged or resumed run must log the same losses at every step, exactly one
+metrics row per step (metrics.jsonl and TensorBoard), and end with the same final state (the
+fingerprints of every array).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import time
 import pytest
 
 from tests.fault_tools import assert_one_line, flip_bytes, full_disk, read_only, snapshot, tb_scalars, truncate
+from tests.train_fixtures import FAST_XLA
+
+# One worker runs the module, so its reference run (the module fixture) is trained once, not once per worker.
+pytestmark = pytest.mark.xdist_group("faults_train")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS, EVERY = 12, 4
@@ -31,9 +36,9 @@ PREFIX = "bagel_jax.train: error: "
 
 def _env(cache: pathlib.Path) -> dict:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device in the child
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")
+  env.update(XLA_FLAGS=FAST_XLA, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+             PYTHONUNBUFFERED="1")
   return env
 
 
