@@ -93,3 +93,37 @@ def test_plan_7b_rejects_an_unknown_target(capsys):
 
   assert main(["plan-7b", "--target", "v9z:2x2"]) == 2
   assert "unknown target 'v9z:2x2'" in capsys.readouterr().err
+
+
+OOM = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required for HLO "
+       "temporaries (20.11G) exceeds available HBM (15.75G). HLO module: jit_fn.\nSee https://openxla.org/xla/errors")
+
+
+def test_a_recipe_the_compiler_refuses_is_planned_from_smaller_compiles(monkeypatch):
+  """v5e refuses the recipe at compile time (even 2 layers): the plan halves the tokens until the step
+  compiles, fits the model there and predicts the recipe, saying what the compiler said."""
+  from bagel_jax.aot import analysis, plan7b
+
+  assert plan7b.compile_oom(RuntimeError(OOM)).startswith("Ran out of memory on HBM")
+  assert plan7b.compile_oom(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+  state, per_token = 6 * GB, 0.5 * GB / 1024  # fsdp 8: state + gradients 6 GB per device
+
+  def fake_compile(job, name, program="train"):
+    tokens = job.mix.tokens
+    if tokens > 9216:
+      raise RuntimeError(OOM)
+    rep = analysis.CompileReport(seconds=1.0, argument=int(state / 1.25), output=0, alias=0,
+                                 temp=int(state - state / 1.25 + 1 * GB + per_token * tokens), code=0, kernels=2,
+                                 collectives={}, flops=None, bytes_accessed=None, memory_limit=16 * GB)
+    return rep, (rep, rep), None
+
+  monkeypatch.setattr(plan7b, "compile_total", fake_compile)
+  lines = []
+  row, _, rep, pair = plan7b.plan_target("v5e:2x4", lines.append)
+  assert rep is None and pair is None and row.refused.startswith("Ran out of memory on HBM")
+  assert any("at 18,432 tokens/device the compiler refuses" in ln for ln in lines)
+  assert any("at 9,216 and 4,096 tokens/device" in ln for ln in lines)  # halves, rounded to 1,024
+  # predicted at the recipe: 6 + 1 + 0.5 x 36 GB = 25 GB > 15.75 GiB; the best change cuts tokens to what fits
+  assert row.total == pytest.approx(state + 1 * GB + per_token * 36864, rel=1e-6)
+  assert row.best.knob == "tokens" and row.best.predicted <= row.memory
+  assert "refused (Ran out of memory on HBM" in plan7b.plan_line(row) and "predicted" in plan7b.plan_line(row)

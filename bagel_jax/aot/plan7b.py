@@ -8,7 +8,11 @@ target's attention kernel) is compiled with 2 and 4 decoder layers and extrapola
 per device (a row with half the images and CE tokens), a memory model is fitted
 (`aot.memplan.MemoryModel`: state and gradients divided by fsdp, the rest linear in tokens) and
 the least change of each knob that fits is searched and printed, the cheapest first
-(`memplan.fitting_changes`, `memplan.smallest`).  `--verify` compiles the chosen change.
+(`memplan.fitting_changes`, `memplan.smallest`).  Where the target's compiler refuses the recipe
+outright (TPU: a compile-time HBM out-of-memory, even at 2 layers), the step is compiled at
+halved tokens per device until it compiles, and the model is fitted from that compile and one at
+half its tokens: the recipe's row then says what the compiler said and that its total is a
+prediction.  `--verify` compiles the chosen change.
 
 `--roofline` adds a roofline ESTIMATE per target (`roofline`): the step takes at least
 max(FLOPs / peak, bytes / HBM bandwidth) per device.  FLOPs: the model FLOPs of the packed row
@@ -83,21 +87,80 @@ def _target_for(name: str, fsdp: int) -> str:
   return f"{gen}:{(two_d if gen in ('v5e', 'v6e') else three_d)[fsdp]}"
 
 
+def compile_oom(e: BaseException) -> str | None:
+  """The compiler's one-line message if `e` is a compile-time out-of-device-memory error, else None."""
+  text = str(e)
+  for line in text.splitlines():
+    i = line.find("Ran out of memory")
+    if i >= 0:
+      return line[i:].split(" HLO module")[0].strip()
+  return text.splitlines()[0].strip() if "RESOURCE_EXHAUSTED" in text else None
+
+
+def largest_compiling(name: str, out=print, start: int = RECIPE.tokens):
+  """(tokens, full-depth report) of the largest halving of `start` tokens per device whose 2- and 4-layer
+  compiles fit the target's compiler (multiples of `memplan.TOKEN_STEP`); None if even that fails."""
+  tokens = start // 2
+  while tokens >= memplan.TOKEN_STEP:
+    tokens -= tokens % memplan.TOKEN_STEP
+    try:
+      rep, _, _ = compile_total(_job(dataclasses.replace(RECIPE, tokens=tokens)), name)
+      return tokens, rep
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is expected here
+      why = compile_oom(e)
+      if why is None:
+        raise
+      out(f"[{name}] at {tokens:,} tokens/device the compiler refuses: {why}")
+    tokens //= 2
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
   target: str
   device_kind: str
   memory: int  # device bytes
-  total: int  # compiled (extrapolated) bytes per device at the recipe
+  total: int  # compiled (extrapolated) bytes per device at the recipe; predicted where refused is set
   changes: tuple[memplan.Change, ...]
   best: memplan.Change | None
   verified: int | None = None  # compiled bytes of the best change (--verify)
+  refused: str | None = None  # the compiler's out-of-memory message for the recipe itself
+
+
+def _model_without_recipe(name: str, why: str, out) -> tuple[memplan.MemoryModel, int]:
+  """The memory model from the largest compiling tokens per device and half of them, when the recipe
+  itself is refused; and the recipe's predicted bytes."""
+  found = largest_compiling(name, out)
+  if found is None:
+    raise runner.JobError(f"{name}: the compiler refuses the step even at {memplan.TOKEN_STEP:,} tokens per device "
+                          f"({why})")
+  tokens, rep = found
+  half = tokens // 2 - (tokens // 2) % memplan.TOKEN_STEP
+  rep_half, _, _ = compile_total(_job(dataclasses.replace(RECIPE, tokens=half)), name)
+  out(f"[{name}] at {tokens:,} and {half:,} tokens/device: {rep.total / GIB:.2f} and {rep_half.total / GIB:.2f} GiB "
+      f"(compiled {rep.seconds + rep_half.seconds:.0f} s)")
+  base = dataclasses.replace(RECIPE, tokens=tokens)
+  model = memplan.MemoryModel.from_compiles(base, rep.total, sharded_bytes(rep), (half, rep_half.total))
+  return model, model.predict(RECIPE)
 
 
 def plan_target(name: str, out=print, verify: bool = False):
-  """(PlanRow, the job, the full-depth report, the 2- and 4-layer reports) of one target."""
+  """(PlanRow, the job, the full-depth report or None where the compiler refused the recipe, the 2- and
+  4-layer reports or None) of one target."""
   job = _job(RECIPE)
-  rep, pair, spec = compile_total(job, name)
+  spec = targets.resolve(name)[1]
+  try:
+    rep, pair, spec = compile_total(job, name)
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
+    why = compile_oom(e)
+    if why is None:
+      raise
+    out(f"[{name}] recipe ({RECIPE.describe()}): the compiler refuses it: {why}")
+    model, total = _model_without_recipe(name, why, out)
+    changes = memplan.fitting_changes(RECIPE, model.predict, spec.memory_bytes)
+    row = PlanRow(name, spec.device_kind, spec.memory_bytes, total, tuple(changes), memplan.smallest(changes),
+                  refused=why)
+    return _verified(row, name, out) if verify else row, job, None, None
   out(f"[{name}] recipe ({RECIPE.describe()}): {rep.total / GIB:.2f} GiB per device of {spec.memory_bytes / GIB:.1f} "
       f"(compiled {rep.seconds:.0f} s, 2 and 4 layers extrapolated to 28; kernel calls {rep.kernels})")
   if rep.fits:
@@ -108,15 +171,20 @@ def plan_target(name: str, out=print, verify: bool = False):
   out(f"[{name}] at {half.tokens:,} tokens/device: {rep_half.total / GIB:.2f} GiB (compiled {rep_half.seconds:.0f} s)")
   model = memplan.MemoryModel.from_compiles(RECIPE, rep.total, sharded_bytes(rep), (half.tokens, rep_half.total))
   changes = memplan.fitting_changes(RECIPE, model.predict, spec.memory_bytes)
-  best = memplan.smallest(changes)
-  verified = None
-  if verify and best is not None:
-    vname = _target_for(name, best.recipe.fsdp)
-    vrep, _, _ = compile_total(_job(best.recipe), vname)
-    verified = vrep.total
-    out(f"[{name}] verified {best.recipe.describe()} on {vname}: {vrep.total / GIB:.2f} GiB "
-        f"({'fits' if vrep.fits else 'DOES NOT FIT'})")
-  return PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, tuple(changes), best, verified), job, rep, pair
+  row = PlanRow(name, spec.device_kind, spec.memory_bytes, rep.total, tuple(changes), memplan.smallest(changes))
+  return _verified(row, name, out) if verify else row, job, rep, pair
+
+
+def _verified(row: PlanRow, name: str, out) -> PlanRow:
+  """The row with its best change compiled (on a slice of that many devices)."""
+  best = row.best
+  if best is None or best.knob == "none":
+    return row
+  vname = _target_for(name, best.recipe.fsdp)
+  vrep, _, _ = compile_total(_job(best.recipe), vname)
+  out(f"[{name}] verified {best.recipe.describe()} on {vname}: {vrep.total / GIB:.2f} GiB "
+      f"({'fits' if vrep.fits else 'DOES NOT FIT'})")
+  return dataclasses.replace(row, verified=vrep.total)
 
 
 def plan_line(row: PlanRow) -> str:
@@ -127,7 +195,8 @@ def plan_line(row: PlanRow) -> str:
     change = (f"**{row.best.describe(RECIPE)}**: {row.best.predicted / g:.1f} GiB predicted"
               + (f", {row.verified / g:.1f} compiled" if row.verified else "")) if row.best else "nothing fits"
     other = "; ".join(f"{c.describe(RECIPE)} ({c.predicted / g:.1f} GiB)" for c in row.changes if c is not row.best) or "-"
-  return (f"| {row.target} | {row.memory / g:.1f} | {row.total / g:.2f} | {'yes' if row.total <= row.memory else 'no'} "
+  total = f"{row.total / g:.2f}" if row.refused is None else f"refused ({row.refused}); {row.total / g:.1f} predicted"
+  return (f"| {row.target} | {row.memory / g:.1f} | {total} | {'yes' if row.total <= row.memory else 'no'} "
           f"| {change} | {other} |")
 
 
@@ -146,7 +215,9 @@ def main(argv=None) -> int:
       row, job, rep, pair = plan_target(name, print, a.verify)
       rows.append(row)
       print(plan_line(row), flush=True)
-      if a.roofline:
+      if a.roofline and rep is None:
+        print(f"[{name}] no train roofline: the compiler refused the recipe")
+      elif a.roofline:
         roofs.append(roofline.train_estimate(job, name, rep, pair, print))
       if a.denoise:
         roofs.append(roofline.denoise_estimate(DENOISE_TARGETS[name.split(":")[0]], print))
