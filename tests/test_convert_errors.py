@@ -257,13 +257,12 @@ def test_interrupted_export_leaves_nothing(tmp_path):
   assert_nothing_left(dst)
 
 
-def _as_from_a_shell() -> None:
-  """The child starts with default signal dispositions and nothing blocked, as from a user's shell: a
-  test worker's own (an ignored or blocked SIGINT, inherited across exec) once made the child run the
-  whole conversion through the signal under the parallel suite."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+# The child first puts back Python's own signal handling, as a process started from a user's shell has
+# it: a test worker's SIGINT can be ignored, and an ignored disposition is inherited across exec (it
+# once made the child run the whole conversion through the signal under the parallel suite).
+AS_FROM_A_SHELL = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); ")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "SIGTERM"])
@@ -271,13 +270,12 @@ def test_signal_to_the_command_line_tool(tmp_path, sig):
   """A real process (Python's own signal handlers, as a user's) gets Ctrl-C or SIGTERM mid-way: exit
   status 130, one line, no partial checkpoint."""
   dst = tmp_path / "out"
-  code = ("import sys, time; from convert.safetensors_to_orbax import convert, main_wrapper; "
+  code = (AS_FROM_A_SHELL + "import sys, time; from convert.safetensors_to_orbax import convert, main_wrapper; "
           "slow = lambda k, n: time.sleep(0.05); "  # slow the writer down so the signal lands mid-way
           f"sys.exit(main_wrapper(lambda a: convert({str(FIXTURE_DIR)!r}, {str(dst)!r}, progress=False, "
           "on_piece=slow), []))")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
-                       preexec_fn=_as_from_a_shell)
+  p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   while time.time() < deadline and p.poll() is None:
     tmp = list(tmp_path.glob(".out.tmp-*/state*"))
