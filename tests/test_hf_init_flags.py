@@ -174,7 +174,8 @@ def test_flagged_model_forward_runs_with_embed_tokens_as_lm_head(flagged):
 def test_no_qk_norm_layer_uses_the_raw_projections(flagged):
   """llm_qk_norm=False: q/k go to RoPE as projected (upstream's nn.Identity), in both experts."""
   from bagel_jax.model.embeddings import apply_rope, rope_cos_sin
-  from bagel_jax.model.qwen2_mot import AttentionSpec, DecoderOptions, decoder_layer, rms_normalize
+  from bagel_jax.model.qwen2_mot import (AttentionSpec, DecoderOptions, decoder_layer, rms_normalize,
+                                          route_tokens)
   _, cfg, params = flagged
   llm, t = cfg.llm, 6
   x = jnp.asarray(np.random.default_rng(1).standard_normal((1, t, llm.hidden_size)), jnp.float32)
@@ -184,7 +185,7 @@ def test_no_qk_norm_layer_uses_the_raw_projections(flagged):
     experts = (jnp.arange(4)[None], jnp.arange(4, t)[None])
     cos, sin = rope_cos_sin(jnp.arange(t)[None], llm.head_dim, llm.rope_theta)
     z, n = jnp.zeros((1, t), jnp.int32), jnp.full((1, t), t)
-    _, (k, _) = decoder_layer(llm, p, x, experts, cos, sin, AttentionSpec(z, n, z, n), None,
+    _, (k, _) = decoder_layer(llm, p, x, route_tokens(experts, t), cos, sin, AttentionSpec(z, n, z, n), None,
                               DecoderOptions("reference"), jnp.float32)
     h = rms_normalize(x, llm.rms_norm_eps)
     raw = [(h * p["input_layernorm"][e]) @ p["k_proj"]["kernel"][e] + p["k_proj"]["bias"][e] for e in range(2)]

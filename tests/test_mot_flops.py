@@ -18,7 +18,7 @@ def _layer_flops(expert_idx, cfg, t):
 
   def f(p, x):
     cos, sin = rope_cos_sin(ar, cfg.head_dim, cfg.rope_theta)
-    return M.decoder_layer(cfg, p, x, expert_idx, cos, sin, spec, None, opts, jnp.float32)[0]
+    return M.decoder_layer(cfg, p, x, M.route_tokens(expert_idx, t), cos, sin, spec, None, opts, jnp.float32)[0]
 
   x = jnp.zeros((1, t, cfg.hidden_size))
   cost = jax.jit(f).lower(p, x).compile().cost_analysis()

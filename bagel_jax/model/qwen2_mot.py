@@ -1,10 +1,12 @@
 """The Mixture-of-Transformers Qwen2 decoder (upstream `Qwen2MoTDecoderLayer`, `PackedAttentionMoT`).
 
 Every decoder weight has a leading layer axis L and an expert axis of size 2
-(0 = und, 1 = gen).  A token goes through exactly one expert: each expert's
-projections gather that expert's tokens (index arrays padded to a static capacity),
-run a dense matmul on them and scatter back.  One attention runs over the whole
-sequence.  Layers are applied with `jax.lax.scan` over the stacked parameters.
+(0 = und, 1 = gen).  A token goes through exactly one expert: the tokens are moved
+into expert slots (the und tokens, then the gen tokens, each padded to a static
+capacity), each expert runs a dense matmul on its slots, and the outputs are moved
+back.  Both moves are gathers (`TokenRouting`), so no zero-filled buffer is scattered
+into, forward or backward.  One attention runs over the whole sequence.  Layers are
+applied with `jax.lax.scan` over the stacked parameters.
 """
 
 from __future__ import annotations
@@ -52,6 +54,64 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 def scatter_tokens(base: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
   """base [B, T, ...] with rows idx [B, C] set to values [B, C, ...]; padded indexes are dropped."""
   return jax.vmap(lambda bb, ib, vb: bb.at[ib].set(vb, mode="drop"))(base, idx, values)
+
+
+@flax.struct.dataclass
+class TokenRouting:
+  """Which expert slot computes each token, built once per forward and shared by every layer.
+
+  slot_token [B, S]: the token in each slot, the und slots first (T = an empty slot);
+  token_slot [B, T]: each token's slot (S = the token is in no expert, e.g. row padding).
+  The two are inverse one-to-one maps between the tokens and the slots they fill, so moving
+  tokens into slots and back are both gathers, and each one's gradient is the other gather.
+  """
+
+  slot_token: jax.Array
+  token_slot: jax.Array
+  und_slots: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def expert_slots(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(first slot, slot count) per expert."""
+    s = self.slot_token.shape[1]
+    return (0, self.und_slots), (self.und_slots, s - self.und_slots)
+
+
+def route_tokens(expert_idx: tuple[jax.Array, jax.Array], num_tokens: int) -> TokenRouting:
+  """TokenRouting from the per-expert token indexes ([B, C_und], [B, C_gen]; num_tokens = padding)."""
+  slot_token = jnp.concatenate([i.astype(jnp.int32) for i in expert_idx], axis=1)
+  s = slot_token.shape[1]
+  slots = jnp.arange(s, dtype=jnp.int32)
+  token_slot = jax.vmap(lambda st: jnp.full((num_tokens,), s, jnp.int32).at[st].set(slots, mode="drop"))(slot_token)
+  return TokenRouting(slot_token, token_slot, int(expert_idx[0].shape[1]))
+
+
+@jax.custom_vjp
+def _move_tokens(x: jax.Array, to: jax.Array, back: jax.Array) -> jax.Array:
+  """x [B, N, ...] -> [B, len(to), ...] with row i = x[to[i]] (zeros where to[i] = N)."""
+  return gather_tokens(x, to)
+
+
+def _move_tokens_fwd(x, to, back):
+  return gather_tokens(x, to), (to, back)
+
+
+def _move_tokens_bwd(res, g):
+  to, back = res
+  return gather_tokens(g, back), None, None  # one-to-one: the transpose of one gather is the other
+
+
+_move_tokens.defvjp(_move_tokens_fwd, _move_tokens_bwd)
+
+
+def to_slots(x: jax.Array, routing: TokenRouting) -> jax.Array:
+  """[B, T, ...] tokens -> [B, S, ...] expert slots (empty slots are zeros)."""
+  return _move_tokens(x, routing.slot_token, routing.token_slot)
+
+
+def from_slots(y: jax.Array, routing: TokenRouting) -> jax.Array:
+  """[B, S, ...] expert slots -> [B, T, ...] tokens (tokens in no expert are zeros)."""
+  return _move_tokens(y, routing.token_slot, routing.slot_token)
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype) -> nnx.Param:
@@ -121,26 +181,28 @@ def _expert_linear(h_e: jax.Array, lin: dict[str, jax.Array], e: int, dtype) -> 
   return y.astype(dtype)
 
 
-def _per_expert(h: jax.Array, expert_idx: tuple[jax.Array, jax.Array], fn: Callable[[jax.Array, int], Any]):
-  """Runs fn on each expert's gathered tokens; yields (expert, index, output)."""
-  for e, idx in enumerate(expert_idx):
-    if idx.shape[1] == 0:
-      continue
-    yield e, idx, fn(gather_tokens(h, idx), e)
+def _per_expert(slots: jax.Array, routing: TokenRouting, fn: Callable[[jax.Array, int], Any]):
+  """fn(expert's slots, expert) for each expert with slots; the outputs concatenated back along the slot axis."""
+  outs = [fn(slots[:, start:start + size], e) for e, (start, size) in enumerate(routing.expert_slots) if size]
+  return jax.tree.map(lambda *o: jnp.concatenate(o, axis=1), *outs)
 
 
-def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, cos, sin, spec: AttentionSpec,
+def _expert_apply(h: jax.Array, routing: TokenRouting, fn: Callable[[jax.Array, int], Any]):
+  """Each token of h [B, T, D] through its expert's fn; tokens in no expert give zeros."""
+  if routing.slot_token.shape[1] == 0:  # no token in any expert
+    return jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(lambda h: fn(h, 0), h))
+  return jax.tree.map(lambda y: from_slots(y, routing), _per_expert(to_slots(h, routing), routing, fn))
+
+
+def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, routing: TokenRouting, cos, sin, spec: AttentionSpec,
                   past_kv: tuple[jax.Array, jax.Array] | None, opts: DecoderOptions, dtype):
   """One MoT layer. x [B, T, D]; returns (x, (k, v)) with k, v [B, T, Hkv, hd] after QK-norm (if any) and RoPE."""
-  b, t, d = x.shape
+  b, t, _ = x.shape
   hq, hk, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   eps = cfg.rms_norm_eps
 
   # Attention: per-expert pre-norm, projections and QK-norm; one shared attention.
   h = rms_normalize(x, eps)
-  q = jnp.zeros((b, t, hq, hd), dtype)
-  k = jnp.zeros((b, t, hk, hd), dtype)
-  v = jnp.zeros((b, t, hk, hd), dtype)
 
   def qkv(h_e, e):
     h_e = h_e * p["input_layernorm"][e].astype(dtype)
@@ -153,8 +215,7 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
       k_e = rms_normalize(k_e, eps) * p["k_norm"][e].astype(dtype)
     return q_e, k_e, v_e
 
-  for _, idx, (q_e, k_e, v_e) in _per_expert(h, expert_idx, qkv):
-    q, k, v = scatter_tokens(q, idx, q_e), scatter_tokens(k, idx, k_e), scatter_tokens(v, idx, v_e)
+  q, k, v = _expert_apply(h, routing, qkv)
   q = apply_rope(q, cos, sin).astype(dtype)
   k = apply_rope(k, cos, sin).astype(dtype)
   if past_kv is not None:
@@ -165,10 +226,7 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
   a = attention(q, k_all, v_all, spec.k_start, spec.k_end, spec.q_start, spec.q_end, spec.q_positions,
                 impl=opts.attention_impl)
   a = checkpoint_name(a.reshape(b, t, hq * hd), "attention_out")
-  o = jnp.zeros((b, t, d), dtype)
-  for _, idx, o_e in _per_expert(a, expert_idx, lambda a_e, e: _expert_linear(a_e, p["o_proj"], e, dtype)):
-    o = scatter_tokens(o, idx, o_e)
-  x = x + o
+  x = x + _expert_apply(a, routing, lambda a_e, e: _expert_linear(a_e, p["o_proj"], e, dtype))
 
   # MLP: per-expert post-norm and SwiGLU.
   h = rms_normalize(x, eps)
@@ -179,10 +237,7 @@ def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, expert_idx, c
     u = _expert_linear(h_e, p["up_proj"], e, dtype)
     return _expert_linear(jax.nn.silu(g) * u, p["down_proj"], e, dtype)
 
-  m = jnp.zeros((b, t, d), dtype)
-  for _, idx, m_e in _per_expert(h, expert_idx, mlp):
-    m = scatter_tokens(m, idx, m_e)
-  x = x + m
+  x = x + _expert_apply(h, routing, mlp)
   return x, (k, v)
 
 
@@ -228,10 +283,11 @@ class Qwen2MoT(nnx.Module):
     cfg, dtype = self.cfg, self.dtype
     cos, sin = rope_cos_sin(rope_ids, cfg.head_dim, cfg.rope_theta)
     params = jax.tree.map(lambda v: v, nnx.to_pure_dict(nnx.state(self.layers)))
+    routing = route_tokens(expert_idx, x.shape[1])
 
     def body(x, xs):
       p, past = xs
-      x, kv = decoder_layer(cfg, p, constrain(x, RESIDUAL), expert_idx, cos, sin, spec, past, opts, dtype)
+      x, kv = decoder_layer(cfg, p, constrain(x, RESIDUAL), routing, cos, sin, spec, past, opts, dtype)
       return constrain(x, RESIDUAL), (kv if opts.return_kv else None)
 
     policy = REMAT_POLICIES[opts.remat]
