@@ -40,3 +40,33 @@ def test_cli_bad_input_is_one_line_exit_2():
     assert r.returncode == 2, (args, r.stdout, r.stderr)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("aot: ") and words in last and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_program_the_compiler_refuses_is_one_line_and_does_not_fit(monkeypatch, tmp_path, capsys):
+  """A compile-time out-of-memory refusal (as libtpu gives for the 7B step on v5e) is reported as the
+  program not fitting, in the compiler's words; the other programs still compile; exit status 1."""
+  from bagel_jax.aot import runner
+  from bagel_jax.aot.__main__ import main
+
+  oom = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required for "
+         "HLO temporaries (23.72G) exceeds available HBM (15.75G). HLO module: jit_fn.\nSee https://openxla.org")
+  compile_one = runner._compile_one
+
+  def refuse_train(job, program, layers, mesh, rules):
+    if program == "train":
+      raise RuntimeError(oom)
+    return compile_one(job, program, layers, mesh, rules)
+
+  monkeypatch.setattr(runner, "_compile_one", refuse_train)
+  out = tmp_path / "aot.json"
+  code = main(["--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "train,decode", "--context", "64",
+               "--decode_rows", "4", "--json", str(out)])
+  stdout = capsys.readouterr().out
+  assert code == 1, stdout
+  refused = [ln for ln in stdout.splitlines() if ln.startswith("[v5e:2x2] train")]
+  assert refused == ["[v5e:2x2] train (mesh data=1 x fsdp=4 x tensor=1; attention=auto): DOES NOT FIT: the compiler "
+                     "refuses it at 2 layers: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                     "(23.72G) exceeds available HBM (15.75G)."], stdout
+  res = {x["program"]: x for x in json.loads(out.read_text())}
+  assert res["train"]["fits"] is False and res["train"]["refused"].endswith("exceeds available HBM (15.75G).")
+  assert res["decode"]["fits"] and res["decode"]["kernels"] >= 1

@@ -102,16 +102,16 @@ OOM = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, 
 def test_a_recipe_the_compiler_refuses_is_planned_from_smaller_compiles(monkeypatch):
   """v5e refuses the recipe at compile time (even 2 layers): the plan halves the tokens until the step
   compiles, fits the model there and predicts the recipe, saying what the compiler said."""
-  from bagel_jax.aot import analysis, plan7b
+  from bagel_jax.aot import analysis, plan7b, runner
 
-  assert plan7b.compile_oom(RuntimeError(OOM)).startswith("Ran out of memory on HBM")
-  assert plan7b.compile_oom(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+  assert runner.compile_oom(RuntimeError(OOM)).startswith("Ran out of memory on HBM")
+  assert runner.compile_oom(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
   state, per_token = 6 * GB, 0.5 * GB / 1024  # fsdp 8: state + gradients 6 GB per device
 
   def fake_compile(job, name, program="train"):
     tokens = job.mix.tokens
     if tokens > 9216:
-      raise RuntimeError(OOM)
+      raise runner.CompileRefused(runner.compile_oom(RuntimeError(OOM)), 2)
     rep = analysis.CompileReport(seconds=1.0, argument=int(state / 1.25), output=0, alias=0,
                                  temp=int(state - state / 1.25 + 1 * GB + per_token * tokens), code=0, kernels=2,
                                  collectives={}, flops=None, bytes_accessed=None, memory_limit=16 * GB)

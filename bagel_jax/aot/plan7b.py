@@ -87,16 +87,6 @@ def _target_for(name: str, fsdp: int) -> str:
   return f"{gen}:{(two_d if gen in ('v5e', 'v6e') else three_d)[fsdp]}"
 
 
-def compile_oom(e: BaseException) -> str | None:
-  """The compiler's one-line message if `e` is a compile-time out-of-device-memory error, else None."""
-  text = str(e)
-  for line in text.splitlines():
-    i = line.find("Ran out of memory")
-    if i >= 0:
-      return line[i:].split(" HLO module")[0].strip()
-  return text.splitlines()[0].strip() if "RESOURCE_EXHAUSTED" in text else None
-
-
 def largest_compiling(name: str, out=print, start: int = RECIPE.tokens):
   """(tokens, full-depth report) of the largest halving of `start` tokens per device whose 2- and 4-layer
   compiles fit the target's compiler (multiples of `memplan.TOKEN_STEP`); None if even that fails."""
@@ -106,11 +96,8 @@ def largest_compiling(name: str, out=print, start: int = RECIPE.tokens):
     try:
       rep, _, _ = compile_total(_job(dataclasses.replace(RECIPE, tokens=tokens)), name)
       return tokens, rep
-    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is expected here
-      why = compile_oom(e)
-      if why is None:
-        raise
-      out(f"[{name}] at {tokens:,} tokens/device the compiler refuses: {why}")
+    except runner.CompileRefused as e:
+      out(f"[{name}] at {tokens:,} tokens/device the compiler refuses: {e.why}")
     tokens //= 2
   return None
 
@@ -151,10 +138,8 @@ def plan_target(name: str, out=print, verify: bool = False):
   spec = targets.resolve(name)[1]
   try:
     rep, pair, spec = compile_total(job, name)
-  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is handled
-    why = compile_oom(e)
-    if why is None:
-      raise
+  except runner.CompileRefused as e:
+    why = e.why
     out(f"[{name}] recipe ({RECIPE.describe()}): the compiler refuses it: {why}")
     model, total = _model_without_recipe(name, why, out)
     changes = memplan.fitting_changes(RECIPE, model.predict, spec.memory_bytes)

@@ -16,6 +16,24 @@ class JobError(ValueError):
   """A job that cannot be built from the command line (bad config, program, mesh)."""
 
 
+def compile_oom(e: BaseException) -> str | None:
+  """The compiler's one-line message if `e` is a compile-time out-of-device-memory error, else None."""
+  text = str(e)
+  for line in text.splitlines():
+    i = line.find("Ran out of memory")
+    if i >= 0:
+      return line[i:].split(" HLO module")[0].strip()
+  return text.splitlines()[0].strip() if "RESOURCE_EXHAUSTED" in text else None
+
+
+class CompileRefused(RuntimeError):
+  """The target's compiler refused a program: it needs more device memory than the target has."""
+
+  def __init__(self, why: str, layers: int):
+    super().__init__(f"at {layers} layers: {why}")
+    self.why = why  # the compiler's own one-line message
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
   target: str
@@ -25,16 +43,19 @@ class Result:
   attention: str
   layers: int
   compiled_layers: tuple[int, ...]  # (L,) or (K, 2K) when extrapolated
-  report: analysis.CompileReport  # per device, at full depth; flops / bytes from 0- and 1-layer compiles
+  report: analysis.CompileReport | None  # per device, at full depth; None where the compiler refused
   estimate_seconds: float | None  # roofline lower bound at peak rates
+  refused: str | None = None  # the compiler's out-of-memory message
 
   @property
   def fits(self) -> bool:
-    return self.report.fits
+    return self.report is not None and self.report.fits
 
   def to_json(self) -> dict[str, Any]:
     out = {k: v for k, v in dataclasses.asdict(self).items() if k != "report"}
-    out.update(dataclasses.asdict(self.report), total=self.report.total, fits=self.report.fits)
+    if self.report is not None:
+      out.update(dataclasses.asdict(self.report), total=self.report.total)
+    out["fits"] = self.fits
     return out
 
 
@@ -116,7 +137,13 @@ def _compile_one(job: Job, program: str, layers: int, mesh, rules):
 
 
 def _report(job: Job, program: str, layers: int, mesh, rules, spec) -> analysis.CompileReport:
-  compiled, secs = _compile_one(job, program, layers, mesh, rules)
+  try:
+    compiled, secs = _compile_one(job, program, layers, mesh, rules)
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is turned into a result
+    why = compile_oom(e)
+    if why is None:
+      raise
+    raise CompileRefused(why, layers) from None
   return analysis.analyze(compiled, spec, secs)
 
 
@@ -158,6 +185,9 @@ def run_program(job: Job, program: str, mesh, rules, spec: targets.TargetSpec) -
 
 def describe(r: Result, job_roofline: bool = False) -> str:
   g, p = 1024**3, r.report
+  if p is None:
+    return (f"[{r.target}] {r.program} (mesh {r.mesh}; attention={r.attention}): DOES NOT FIT: the compiler "
+            f"refuses it {r.refused}")
   coll = ", ".join(f"{k} {v}" for k, v in p.collectives.items() if v) or "none"
   how = (f"EXTRAPOLATED from {r.compiled_layers[0]} and {r.compiled_layers[1]} layers to {r.layers}"
          if len(r.compiled_layers) == 2 else f"{r.layers} layers")
@@ -187,10 +217,14 @@ def run_target(job: Job, name: str, out: Callable[[str], None]) -> list[Result]:
   rules = _rules(job)
   results = []
   for program in job.programs:
-    r = run_program(job, program, mesh, rules, spec)
+    try:
+      r = run_program(job, program, mesh, rules, spec)
+    except CompileRefused as e:
+      r = Result(spec.name, spec.device_kind, shd.describe(mesh), program, job.attention,
+                 job.cfg.llm.num_hidden_layers, (), None, None, refused=str(e))
     out(describe(r, job.roofline))
     results.append(r)
   return results
 
 
-__all__ = ["Job", "JobError", "Result", "run_target", "run_program", "describe"]
+__all__ = ["CompileRefused", "Job", "JobError", "Result", "compile_oom", "run_target", "run_program", "describe"]
