@@ -31,11 +31,18 @@ def test_cli_compiles_denoise_and_decode_for_tpu(tmp_path):
 
 
 def test_cli_bad_input_is_one_line_exit_2():
-  for args, words in ((("--target", "v9:2x2", "--preset", "bagel_tiny"), "unknown target 'v9:2x2'"),
+  for args, words in ((("--target", "v9:2x2", "--preset", "bagel_tiny", "--programs", "decode"),
+                       "unknown target 'v9:2x2'"),
                       (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "train,sample"),
                        "--programs"),
-                      (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--mesh", "fsdp=3"), "--mesh"),
-                      (("--target", "v5e:2x2", "--preset", "nope"), "--preset")):
+                      (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "decode", "--mesh", "fsdp=3"), "--mesh"),
+                      (("--target", "v5e:2x2", "--preset", "nope"), "--preset"),
+                      (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "denoise", "--image", "256"),
+                       "--image 256 gives a 32x32 latent grid; this model's max_latent_size is 8"),
+                      (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "denoise", "--image", "60"),
+                       "--image 60 is not a positive multiple of the latent stride 8"),
+                      (("--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "train"),
+                       "training row (--gen_side 512, --und_side 448, --tokens 32768): VAE image latent grid")):
     r = _run(*args, timeout=120)
     assert r.returncode == 2, (args, r.stdout, r.stderr)
     last = r.stderr.strip().splitlines()[-1]
@@ -60,7 +67,8 @@ def test_a_program_the_compiler_refuses_is_one_line_and_does_not_fit(monkeypatch
   monkeypatch.setattr(runner, "_compile_one", refuse_train)
   out = tmp_path / "aot.json"
   code = main(["--target", "v5e:2x2", "--preset", "bagel_tiny", "--programs", "train,decode", "--context", "64",
-               "--decode_rows", "4", "--json", str(out)])
+               "--decode_rows", "4", "--gen_side", "64", "--und_side", "56", "--gen_images", "1", "--und_images", "1", "--ce_tokens", "64",
+               "--tokens", "1024", "--json", str(out)])
   stdout = capsys.readouterr().out
   assert code == 1, stdout
   refused = [ln for ln in stdout.splitlines() if ln.startswith("[v5e:2x2] train")]

@@ -102,9 +102,15 @@ class Job:
     mix = plan.row_mix_from_args(a, config)
     if "train" in programs:
       try:
-        plan.row_plans(mix, cfg)
+        plan.packed_row(mix, cfg)
       except ValueError as e:
-        raise JobError(f"training row: {e}") from None
+        raise JobError(f"training row (--gen_side {mix.gen_side}, --und_side {mix.und_side}, --tokens "
+                       f"{mix.tokens}): {e}") from None
+    if "denoise" in programs:
+      try:
+        steps.check_denoise_image(shapes, cfg)
+      except ValueError as e:
+        raise JobError(str(e)) from None
     get = lambda path, default: plan._get(config, path, default=default)
     return cls(cfg, config, programs, a.mesh, a.attention, a.remat or get("model.remat", "full"), a.layers, a.roofline, shapes,
                mix, jnp.dtype(get("model.param_dtype", "float32")), jnp.dtype(get("model.dtype", "bfloat16")))

@@ -63,6 +63,17 @@ def _cache(model, rows: int, capacity: int):
   return KVCache(kv, kv, ints, ints)
 
 
+def check_denoise_image(shapes: Shapes, cfg) -> None:
+  """ValueError naming --image when the denoised image does not fit the model's latent grid."""
+  stride = cfg.latent_downsample
+  if shapes.image <= 0 or shapes.image % stride:
+    raise ValueError(f"--image {shapes.image} is not a positive multiple of the latent stride {stride}")
+  g = shapes.image // stride
+  if not cfg.interpolate_pos and g > cfg.max_latent_size:
+    raise ValueError(f"--image {shapes.image} gives a {g}x{g} latent grid; this model's max_latent_size is "
+                     f"{cfg.max_latent_size} (--image at most {cfg.max_latent_size * stride})")
+
+
 def compile_denoise(model, mesh, rules, shapes: Shapes):
   from bagel_jax.inference import flow
 

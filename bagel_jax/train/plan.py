@@ -119,6 +119,16 @@ def row_plans(mix: RowMix, cfg) -> list:
   return samples
 
 
+def packed_row(mix: RowMix, cfg):
+  """The packed numpy Layout of one row of `mix` for model config `cfg` (ValueError if it does not fit)."""
+  from bagel_jax import layout as L
+
+  plans = row_plans(mix, cfg)
+  nl = mix.gen_images * (mix.gen_side // cfg.latent_downsample) ** 2
+  cap = L.Capacity(tokens=mix.tokens, gen=max(nl, 1), und=mix.tokens - nl)
+  return L.pack([plans], cap, cfg.tokens, **L.position_args(cfg))
+
+
 def abstract_batch(model, mix: RowMix, rows: int):
   """(ShapeDtypeStructs of a TrainBatch of `rows` identical rows, the packed numpy Layout of one row)."""
   import jax
@@ -128,10 +138,7 @@ def abstract_batch(model, mix: RowMix, rows: int):
   from bagel_jax.train.step import TrainBatch
 
   cfg = model.cfg
-  plans = row_plans(mix, cfg)
-  nl = mix.gen_images * (mix.gen_side // cfg.latent_downsample) ** 2
-  cap = L.Capacity(tokens=mix.tokens, gen=max(nl, 1), und=mix.tokens - nl)
-  packed = L.pack([plans], cap, cfg.tokens, **L.position_args(cfg))
+  packed = packed_row(mix, cfg)
   lay = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[1:], np.asarray(x).dtype), packed)
   nv = lay.vit_indexes.shape[1]
   ni = lay.vae_image_noisy.shape[1]
