@@ -4,9 +4,9 @@ Every decoder weight has a leading layer axis L and an expert axis of size 2
 (0 = und, 1 = gen).  A token goes through exactly one expert: the tokens are moved
 into expert slots (the und tokens, then the gen tokens, each padded to a static
 capacity), each expert runs a dense matmul on its slots, and the outputs are moved
-back.  Both moves are gathers (`TokenRouting`), so no zero-filled buffer is scattered
-into, forward or backward.  One attention runs over the whole sequence.  Layers are
-applied with `jax.lax.scan` over the stacked parameters.
+back.  Both moves are gathers, each the other's gradient (`TokenRouting`), so no
+zero-filled buffer is scattered into, forward or backward.  One attention runs over
+the whole sequence.  Layers are applied with `jax.lax.scan` over the stacked parameters.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class TokenRouting:
 
   slot_token [B, S]: the token in each slot, the und slots first (T = an empty slot);
   token_slot [B, T]: each token's slot (S = the token is in no expert, e.g. row padding).
-  The two are inverse one-to-one maps between the tokens and the slots they fill, so moving
-  tokens into slots and back are both gathers, and each one's gradient is the other gather.
+  The two are inverse one-to-one maps between the tokens and the slots they fill, so both
+  directions are gathers, and the gradient of one direction is the other.
   """
 
   slot_token: jax.Array
@@ -86,32 +86,32 @@ def route_tokens(expert_idx: tuple[jax.Array, jax.Array], num_tokens: int) -> To
   return TokenRouting(slot_token, token_slot, int(expert_idx[0].shape[1]))
 
 
-@jax.custom_vjp
-def _move_tokens(x: jax.Array, to: jax.Array, back: jax.Array) -> jax.Array:
-  """x [B, N, ...] -> [B, len(to), ...] with row i = x[to[i]] (zeros where to[i] = N)."""
-  return gather_tokens(x, to)
+def _segments(und_slots: int, num_slots: int) -> tuple[tuple[int, int], ...]:
+  """(first slot, slot count) of each expert that has slots."""
+  return tuple((a, n) for a, n in ((0, und_slots), (und_slots, num_slots - und_slots)) if n)
 
 
-def _move_tokens_fwd(x, to, back):
-  return gather_tokens(x, to), (to, back)
+def _split(x, slot_token, token_slot, und_slots):
+  """x [B, T, ...] -> per expert with slots, its tokens [B, C_e, ...] (zeros in empty slots)."""
+  return tuple(gather_tokens(x, slot_token[:, a:a + n]) for a, n in _segments(und_slots, slot_token.shape[1]))
 
 
-def _move_tokens_bwd(res, g):
-  to, back = res
-  return gather_tokens(g, back), None, None  # one-to-one: the transpose of one gather is the other
+def _merge(ys, slot_token, token_slot, und_slots):
+  """Per-expert outputs [B, C_e, ...] -> [B, T, ...] (zeros for tokens in no expert)."""
+  out = None
+  for y, (a, n) in zip(ys, _segments(und_slots, slot_token.shape[1])):
+    local = jnp.where((token_slot >= a) & (token_slot < a + n), token_slot - a, n)  # n: out of range, a zero
+    part = gather_tokens(y, local)
+    out = part if out is None else out + part  # each token reads one expert, the other gives an exact zero
+  return out
 
 
-_move_tokens.defvjp(_move_tokens_fwd, _move_tokens_bwd)
-
-
-def to_slots(x: jax.Array, routing: TokenRouting) -> jax.Array:
-  """[B, T, ...] tokens -> [B, S, ...] expert slots (empty slots are zeros)."""
-  return _move_tokens(x, routing.slot_token, routing.token_slot)
-
-
-def from_slots(y: jax.Array, routing: TokenRouting) -> jax.Array:
-  """[B, S, ...] expert slots -> [B, T, ...] tokens (tokens in no expert are zeros)."""
-  return _move_tokens(y, routing.token_slot, routing.slot_token)
+split_to_experts = jax.custom_vjp(_split, nondiff_argnums=(3,))
+merge_from_experts = jax.custom_vjp(_merge, nondiff_argnums=(3,))
+split_to_experts.defvjp(lambda x, st, ts, u: (_split(x, st, ts, u), (st, ts)),
+                        lambda u, res, gs: (_merge(gs, *res, u), None, None))
+merge_from_experts.defvjp(lambda ys, st, ts, u: (_merge(ys, st, ts, u), (st, ts)),
+                          lambda u, res, g: (_split(g, *res, u), None, None))
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype) -> nnx.Param:
@@ -181,17 +181,18 @@ def _expert_linear(h_e: jax.Array, lin: dict[str, jax.Array], e: int, dtype) -> 
   return y.astype(dtype)
 
 
-def _per_expert(slots: jax.Array, routing: TokenRouting, fn: Callable[[jax.Array, int], Any]):
-  """fn(expert's slots, expert) for each expert with slots; the outputs concatenated back along the slot axis."""
-  outs = [fn(slots[:, start:start + size], e) for e, (start, size) in enumerate(routing.expert_slots) if size]
-  return jax.tree.map(lambda *o: jnp.concatenate(o, axis=1), *outs)
-
-
 def _expert_apply(h: jax.Array, routing: TokenRouting, fn: Callable[[jax.Array, int], Any]):
-  """Each token of h [B, T, D] through its expert's fn; tokens in no expert give zeros."""
-  if routing.slot_token.shape[1] == 0:  # no token in any expert
+  """Each token of h [B, T, D] through its expert's fn(tokens [B, C_e, D], expert); tokens in no expert give zeros.
+
+  The tokens are gathered per expert and the outputs gathered back per token (`split_to_experts`,
+  `merge_from_experts`): no zero-filled buffer is scattered into, forward or backward."""
+  r = routing
+  experts = [e for e, (_, n) in enumerate(r.expert_slots) if n]
+  if not experts:  # no token in any expert
     return jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), jax.eval_shape(lambda h: fn(h, 0), h))
-  return jax.tree.map(lambda y: from_slots(y, routing), _per_expert(to_slots(h, routing), routing, fn))
+  parts = split_to_experts(h, r.slot_token, r.token_slot, r.und_slots)
+  outs = [fn(part, e) for part, e in zip(parts, experts)]
+  return jax.tree.map(lambda *ys: merge_from_experts(ys, r.slot_token, r.token_slot, r.und_slots), *outs)
 
 
 def decoder_layer(cfg: LLMConfig, p: dict[str, Any], x: jax.Array, routing: TokenRouting, cos, sin, spec: AttentionSpec,
