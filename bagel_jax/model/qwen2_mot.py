@@ -4,8 +4,8 @@ Every decoder weight has a leading layer axis L and an expert axis of size 2
 (0 = und, 1 = gen).  A token goes through exactly one expert: the tokens are moved
 into expert slots (the und tokens, then the gen tokens, each padded to a static
 capacity), each expert runs a dense matmul on its slots, and the outputs are moved
-back.  Both moves are gathers, each the other's gradient (`TokenRouting`), so no
-zero-filled buffer is scattered into, forward or backward.  One attention runs over
+back.  In the backward both moves are gathers, each the other's gradient
+(`TokenRouting`), so no zero-filled gradient buffer is scattered into.  One attention runs over
 the whole sequence.  Layers are applied with `jax.lax.scan` over the stacked parameters.
 """
 
@@ -97,7 +97,7 @@ def _split(x, slot_token, token_slot, und_slots):
 
 
 def _merge(ys, slot_token, token_slot, und_slots):
-  """Per-expert outputs [B, C_e, ...] -> [B, T, ...] (zeros for tokens in no expert)."""
+  """Per-expert outputs [B, C_e, ...] -> [B, T, ...] (zeros for tokens in no expert), by gathers per token."""
   out = None
   for y, (a, n) in zip(ys, _segments(und_slots, slot_token.shape[1])):
     local = jnp.where((token_slot >= a) & (token_slot < a + n), token_slot - a, n)  # n: out of range, a zero
@@ -106,11 +106,23 @@ def _merge(ys, slot_token, token_slot, und_slots):
   return out
 
 
+def _scatter_merge(ys, slot_token, token_slot, und_slots):
+  """`_merge` by scattering each expert's outputs into zeros (the forward pass: what XLA's TPU / GPU
+  cost analyses rate cheapest for inference, where no backward needs the zeros)."""
+  segs = _segments(und_slots, slot_token.shape[1])
+  out = jnp.zeros((ys[0].shape[0], token_slot.shape[1]) + ys[0].shape[2:], ys[0].dtype)
+  for y, (a, n) in zip(ys, segs):
+    out = scatter_tokens(out, slot_token[:, a:a + n], y)
+  return out
+
+
+# The gradient of a gather per expert is a gather per token and the other way round: neither
+# direction's backward scatters into a zero-filled buffer.
 split_to_experts = jax.custom_vjp(_split, nondiff_argnums=(3,))
-merge_from_experts = jax.custom_vjp(_merge, nondiff_argnums=(3,))
+merge_from_experts = jax.custom_vjp(_scatter_merge, nondiff_argnums=(3,))
 split_to_experts.defvjp(lambda x, st, ts, u: (_split(x, st, ts, u), (st, ts)),
                         lambda u, res, gs: (_merge(gs, *res, u), None, None))
-merge_from_experts.defvjp(lambda ys, st, ts, u: (_merge(ys, st, ts, u), (st, ts)),
+merge_from_experts.defvjp(lambda ys, st, ts, u: (_scatter_merge(ys, st, ts, u), (st, ts)),
                           lambda u, res, g: (_split(g, *res, u), None, None))
 
 
@@ -184,8 +196,8 @@ def _expert_linear(h_e: jax.Array, lin: dict[str, jax.Array], e: int, dtype) -> 
 def _expert_apply(h: jax.Array, routing: TokenRouting, fn: Callable[[jax.Array, int], Any]):
   """Each token of h [B, T, D] through its expert's fn(tokens [B, C_e, D], expert); tokens in no expert give zeros.
 
-  The tokens are gathered per expert and the outputs gathered back per token (`split_to_experts`,
-  `merge_from_experts`): no zero-filled buffer is scattered into, forward or backward."""
+  The tokens are gathered per expert and the outputs scattered back per token (`split_to_experts`,
+  `merge_from_experts`); in the backward both are gathers: no zero-filled gradient buffer."""
   r = routing
   experts = [e for e, (_, n) in enumerate(r.expert_slots) if n]
   if not experts:  # no token in any expert
